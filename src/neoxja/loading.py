@@ -232,8 +232,18 @@ def load_pretrained(cls: type, name_or_path: Any, *model_args: Any, config: NeoX
         quantize_loaded_model(model, quantization_config, target_dtype)
     model = model.to(target_device)
     model.name_or_path = str(name_or_path)
+    if isinstance(model, NeoXForCausalLM):
+        model.generation_config = _generation_config(name_or_path, hub_args, config)
     model.eval()
     return model
+
+
+def _generation_config(name_or_path: Any, hub_args: dict[str, Any], config: NeoXConfig) -> Any:
+    """generation_config.json when the checkpoint has one, else the defaults the model config implies."""
+    from .generation import GENERATION_CONFIG_NAME, GenerationConfig
+
+    path = resolve_file(name_or_path, GENERATION_CONFIG_NAME, required=False, **hub_args)
+    return GenerationConfig.from_file(path) if path is not None else GenerationConfig.from_model_config(config)
 
 
 def _concrete_class(cls: type, config: NeoXConfig) -> type[PreTrainedModel]:

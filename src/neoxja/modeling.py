@@ -553,6 +553,7 @@ class NeoXForCausalLM(PreTrainedModel):
         super().__init__(config)
         self.add_module(self.base_model_prefix, self.base_model_class(config, init=False))
         self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.generation_config: Any = None  # set from generation_config.json at load time
         if init:
             self.init_weights()
         if config.tie_word_embeddings:
