@@ -229,7 +229,7 @@ def load_pretrained(cls: type, name_or_path: Any, *model_args: Any, config: NeoX
     if quantization_config is not None and saved_quantization is None:
         from .quantization import quantize_loaded_model
 
-        quantize_loaded_model(model, quantization_config, target_dtype)
+        quantize_loaded_model(model, quantization_config)
     model = model.to(target_device)
     model.name_or_path = str(name_or_path)
     if isinstance(model, NeoXForCausalLM):
@@ -323,6 +323,11 @@ def fill_weights(model: PreTrainedModel, weights: WeightSource, dtype: torch.dty
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"checkpoint {name} lacks weights the model needs: {', '.join(missing[:5])}{more}")
 
+    as_stored = set()  # quantized layers' tensors keep their own dtypes
+    if "quantization_config" in model.config.extra:
+        from .quantization import quantized_state_keys
+
+        as_stored = quantized_state_keys(model)
     state: dict[str, Tensor] = {}
     items = sorted(wanted)
     if progress:
@@ -336,8 +341,9 @@ def fill_weights(model: PreTrainedModel, weights: WeightSource, dtype: torch.dty
         if tuple(tensor.shape) != tuple(expected.shape):
             raise CheckpointError(f"checkpoint {name}: {source_key} has shape {list(tensor.shape)}, but the config "
                                   f"implies {list(expected.shape)} (config.json and weights disagree)")
-        if expected.is_floating_point() and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
+        target = expected.dtype if key in as_stored else dtype
+        if expected.is_floating_point() and tensor.dtype != target:
+            tensor = tensor.to(target)
             weights.release(source_key)
         elif not expected.is_floating_point() and tensor.dtype != expected.dtype:
             raise CheckpointError(f"checkpoint {name}: {source_key} has dtype {tensor.dtype}, expected "
