@@ -1,0 +1,375 @@
+/* neoxja._kernels: the weight-streaming kernels of the CPU decode path (AVX-512).
+
+Decoding one token reads every weight once, so a batch-1 linear layer is a GEMV whose speed is the rate at which
+its weights stream from memory. These kernels keep that rate close to the memory bandwidth for three weight
+formats by decoding weights in registers and never writing a dequantized copy:
+
+  FMT_BF16  bf16 [N, K]                                   (plain bf16 checkpoints)
+  FMT_INT8  int8 [N, K], w = q * SCB[n] / 127                (load_in_8bit)
+  FMT_4BIT  4-bit code indices, one fp32 absmax per 64     (load_in_4bit, nf4 or fp4: the code book is an argument)
+            in the runtime layout made by neoxja.kernels.pack_4bit (see there)
+
+Products and sums are fp32 (weights decode exactly to fp32), so results equal F.linear on the dequantized fp32
+weights up to summation order. `gemv` serves M <= 8 activation rows (batch-1 and small-batch decode); for prefill,
+`dequantize` writes the weights out once and PyTorch's matmul takes over.
+
+It is plain C with no PyTorch headers, so building it never needs torch: tensors arrive as data pointers
+(tensor.data_ptr()) plus sizes, and the Python side (neoxja.kernels) checks shapes, dtypes and contiguity. Work is
+split over output rows with OpenMP; torch ships libgomp under the same soname, so once torch is imported both share
+one OpenMP runtime and one thread pool. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__))
+#error "neoxja._kernels needs AVX-512 F/BW/VL; without it neoxja uses its PyTorch fallback"
+#endif
+#include <immintrin.h>
+
+#define INLINE static inline __attribute__((always_inline))
+
+enum { DT_F32 = 0, DT_BF16 = 1 };
+enum { FMT_BF16 = 0, FMT_INT8 = 1, FMT_4BIT = 2 };
+enum { MAX_M = 8 };
+static const float INV127 = 7.874015718698502e-3f; /* fp32(1/127), the factor bitsandbytes' int8 dequantization uses */
+
+/* ---- scalar bf16 <-> fp32 (round to nearest even, as torch does) ---- */
+
+INLINE float bf16_to_f32(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+INLINE uint16_t f32_to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Same rounding for 16 lanes of finite values (dequantized weights): vcvtneps2bf16 would flush denormals. */
+INLINE __m256i f32x16_to_bf16(__m512 v)
+{
+    __m512i u = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+}
+
+INLINE void store16(void *out, int64_t off, int dt, __m512 v)
+{
+    if (dt == DT_BF16)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + off), f32x16_to_bf16(v));
+    else
+        _mm512_storeu_ps((float *)out + off, v);
+}
+
+/* ---- activations ---- */
+
+/* x [M, K] (fp32 or bf16) -> xp [M, Kp] fp32, zero-padded to Kp, in the element order the weight decoder yields:
+   for bf16 weights each 32-element chunk is reordered to its 16 even then its 16 odd elements (see decode32);
+   the other formats keep the natural order. */
+static void prepare_x(float *xp, const void *x, int xdt, int64_t M, int64_t K, int64_t Kp, int evens_first)
+{
+    for (int64_t m = 0; m < M; m++) {
+        float *dst = xp + m * Kp;
+        for (int64_t k = 0; k < K; k++) {
+            float v = xdt == DT_BF16 ? bf16_to_f32(((const uint16_t *)x)[m * K + k]) : ((const float *)x)[m * K + k];
+            dst[evens_first ? (k & ~31) + (k & 1) * 16 + ((k & 31) >> 1) : k] = v;
+        }
+        memset(dst + K, 0, (size_t)(Kp - K) * sizeof(float));
+    }
+}
+
+/* ---- weight decoding ---- */
+
+/* 32 consecutive weights of a bf16 or int8 row, as two fp32 vectors. A bf16 pair (2j, 2j+1) shares a 32-bit lane:
+   shifting the lane left by 16 gives element 2j exactly and masking the low half gives 2j+1, one instruction each,
+   which is why prepare_x puts the activations of a chunk in even-then-odd order. */
+INLINE void decode32(int fmt, const void *row, int64_t k, __m512 *w0, __m512 *w1)
+{
+    if (fmt == FMT_BF16) {
+        __m512i v = _mm512_loadu_si512((const uint16_t *)row + k);
+        *w0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        *w1 = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+    } else {
+        const int8_t *p = (const int8_t *)row + k;
+        *w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+        *w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+    }
+}
+
+/* 4-bit runtime layout: each 64-byte line of a row holds 128 weights (two absmax blocks); 32-bit lane j, nibble t
+   holds element 16t + j. vpermps reads only the low 4 bits of each lane index, so (line >> 4t) used directly as the
+   index picks code[element 16t + j] for all 16 lanes: one shift and one permute per 16 weights, no unpacking. */
+INLINE __m512 decode4(__m512i line, int t, __m512 code)
+{
+    return _mm512_permutexvar_ps(_mm512_srli_epi32(line, 4 * t), code);
+}
+
+/* ---- GEMV: y[m, n] = sum_k x[m, k] w[n, k] (* SCB[n] / 127 for int8) + bias[n] ----
+   A tile is R rows x M activation rows over one block of K; its sums are added to part[r * M + m]. */
+
+INLINE void zero(int R, int M, __m512 acc[][MAX_M])
+{
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
+}
+
+INLINE void add_partials(int R, int M, __m512 acc[][MAX_M], float *part)
+{
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < M; m++) part[r * M + m] += _mm512_reduce_add_ps(acc[r][m]);
+}
+
+INLINE void tile_32(int fmt, int R, int M, int64_t n, const void *w, int64_t K, int64_t k0, int64_t k1,
+                    const float *xp, float *part)
+{
+    size_t esize = fmt == FMT_BF16 ? 2 : 1;
+    __m512 acc[8][MAX_M];
+    zero(R, M, acc);
+    for (int64_t k = k0; k < k1; k += 32) {
+        __m512 w0[8], w1[8];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) decode32(fmt, (const char *)w + (n + r) * K * esize, k, &w0[r], &w1[r]);
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) { /* each activation vector is loaded once and used for all R rows */
+            __m512 xa = _mm512_loadu_ps(xp + m * K + k), xb = _mm512_loadu_ps(xp + m * K + k + 16);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++)
+                acc[r][m] = _mm512_fmadd_ps(w1[r], xb, _mm512_fmadd_ps(w0[r], xa, acc[r][m]));
+        }
+    }
+    add_partials(R, M, acc, part);
+}
+
+/* Per 64-weight block the code values are summed first and the block's absmax multiplies the sum: one FMA per block
+   instead of one multiply per weight (same result up to fp32 rounding). K = row length padded to 128. */
+INLINE void tile_4bit(int R, int M, int64_t n, const uint8_t *w, const float *absmax, __m512 code, int64_t K,
+                      int64_t k0, int64_t k1, const float *xp, float *part)
+{
+    __m512 acc[8][MAX_M];
+    zero(R, M, acc);
+    for (int64_t k = k0; k < k1; k += 128) {
+        __m512i line[4];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) line[r] = _mm512_loadu_si512(w + (n + r) * (K / 2) + k / 2);
+#pragma GCC unroll 2
+        for (int b = 0; b < 2; b++) {
+            __m512 s[4][MAX_M];
+            zero(R, M, s);
+#pragma GCC unroll 4
+            for (int t = 4 * b; t < 4 * b + 4; t++) {
+                __m512 wt[4];
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++) wt[r] = decode4(line[r], t, code);
+#pragma GCC unroll 8
+                for (int m = 0; m < M; m++) {
+                    __m512 xv = _mm512_loadu_ps(xp + m * K + k + 16 * t);
+#pragma GCC unroll 4
+                    for (int r = 0; r < R; r++) s[r][m] = _mm512_fmadd_ps(wt[r], xv, s[r][m]);
+                }
+            }
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                __m512 a = _mm512_set1_ps(absmax[(n + r) * (K / 64) + k / 64 + b]);
+#pragma GCC unroll 8
+                for (int m = 0; m < M; m++) acc[r][m] = _mm512_fmadd_ps(s[r][m], a, acc[r][m]);
+            }
+        }
+    }
+    add_partials(R, M, acc, part);
+}
+
+typedef struct {
+    int fmt, ydt, bdt;
+    int64_t M, N, K; /* K: row length of w in elements (padded Kp for FMT_4BIT) */
+    const void *w;
+    const float *scale; /* FMT_INT8: SCB, the per-row absmax; FMT_4BIT: per-block absmax; else NULL */
+    const float *code;  /* FMT_4BIT: the 16-entry code book */
+    const float *xp;
+    const void *bias;
+    void *y;
+} Gemv;
+
+INLINE void tile(const Gemv *g, int fmt, int R, int M, int64_t n, int64_t k0, int64_t k1, __m512 code, float *part)
+{
+    if (fmt == FMT_4BIT)
+        tile_4bit(R, M, n, g->w, g->scale, code, g->K, k0, k1, g->xp, part);
+    else
+        tile_32(fmt, R, M, n, g->w, g->K, k0, k1, g->xp, part);
+}
+
+/* Rows [n0, n1): R-row tiles and single rows for the remainder, then scale, bias and store. For M > 1, K is walked
+   in blocks whose activations (M x kblock fp32, 16 KB) stay in L1 while all the rows go by; one activation row is
+   small enough to stream from L2, and then each weight row is read in one sequential run. The format, R and M are
+   compile-time constants at every call site, so each (format, R, M) gets its own unrolled, register-resident copy. */
+INLINE void gemv_rows(const Gemv *g, int fmt, int R, int M, int64_t n0, int64_t n1, float *part)
+{
+    int64_t kblock = M == 1 ? g->K : (4096 / M) & ~127;
+    __m512 code = fmt == FMT_4BIT ? _mm512_loadu_ps(g->code) : _mm512_setzero_ps();
+    memset(part, 0, (size_t)((n1 - n0) * M) * sizeof(float));
+    for (int64_t k0 = 0; k0 < g->K; k0 += kblock) {
+        int64_t k1 = k0 + kblock < g->K ? k0 + kblock : g->K, n = n0;
+        for (; n + R <= n1; n += R) tile(g, fmt, R, M, n, k0, k1, code, part + (n - n0) * M);
+        for (; n < n1; n++) tile(g, fmt, 1, M, n, k0, k1, code, part + (n - n0) * M);
+    }
+    for (int64_t n = n0; n < n1; n++)
+        for (int m = 0; m < M; m++) {
+            float v = part[(n - n0) * M + m];
+            if (fmt == FMT_INT8) v = v * g->scale[n] * INV127; /* scale = SCB, the row's absmax */
+            if (g->bias) v += g->bdt == DT_BF16 ? bf16_to_f32(((const uint16_t *)g->bias)[n]) : ((const float *)g->bias)[n];
+            if (g->ydt == DT_BF16)
+                ((uint16_t *)g->y)[m * g->N + n] = f32_to_bf16(v);
+            else
+                ((float *)g->y)[m * g->N + n] = v;
+        }
+}
+
+/* Rows per tile: as many as keep the accumulators (R*M, twice that for 4-bit block sums) in the 32 registers. */
+#define DISPATCH_M(FMT, RFOR)                                                                                  \
+    switch (g->M) {                                                                                            \
+    case 1: gemv_rows(g, FMT, RFOR(1), 1, n0, n1, part); break;                                               \
+    case 2: gemv_rows(g, FMT, RFOR(2), 2, n0, n1, part); break;                                               \
+    case 3: gemv_rows(g, FMT, RFOR(3), 3, n0, n1, part); break;                                               \
+    case 4: gemv_rows(g, FMT, RFOR(4), 4, n0, n1, part); break;                                               \
+    case 5: gemv_rows(g, FMT, RFOR(5), 5, n0, n1, part); break;                                               \
+    case 6: gemv_rows(g, FMT, RFOR(6), 6, n0, n1, part); break;                                               \
+    case 7: gemv_rows(g, FMT, RFOR(7), 7, n0, n1, part); break;                                               \
+    default: gemv_rows(g, FMT, RFOR(8), 8, n0, n1, part); break;                                              \
+    }
+#define ROWS_32(m) ((m) == 1 ? 8 : (m) <= 4 ? 4 : 2)
+#define ROWS_4BIT(m) ((m) <= 2 ? 4 : (m) <= 4 ? 2 : 1)
+
+static void gemv_range(const Gemv *g, int64_t n0, int64_t n1, float *part)
+{
+    if (g->fmt == FMT_4BIT) {
+        DISPATCH_M(FMT_4BIT, ROWS_4BIT)
+    } else if (g->fmt == FMT_INT8) {
+        DISPATCH_M(FMT_INT8, ROWS_32)
+    } else {
+        DISPATCH_M(FMT_BF16, ROWS_32)
+    }
+}
+
+/* Each thread takes one contiguous run of rows (a whole number of 8-row tiles), so it streams its part of the
+   weights sequentially. */
+static void split_rows(int64_t N, int t, int T, int64_t *n0, int64_t *n1)
+{
+    int64_t tiles = (N + 7) / 8;
+    *n0 = tiles * t / T * 8;
+    *n1 = tiles * (t + 1) / T * 8;
+    if (*n1 > N) *n1 = N;
+}
+
+static PyObject *py_gemv(PyObject *self, PyObject *args)
+{
+    int fmt, ydt, xdt, bdt, nthreads;
+    unsigned long long y, x, w, scale, code, bias;
+    Py_ssize_t M, N, K;
+    if (!PyArg_ParseTuple(args, "iKiKiKKKKinnni", &fmt, &y, &ydt, &x, &xdt, &w, &scale, &code, &bias, &bdt, &M, &N,
+                          &K, &nthreads))
+        return NULL;
+    if (M < 1 || M > MAX_M || N < 1 || K < 1 || (fmt == FMT_4BIT ? K % 64 : K % 32) != 0 || fmt < FMT_BF16 ||
+        fmt > FMT_4BIT) {
+        PyErr_Format(PyExc_ValueError, "gemv: unsupported format %d or shape M=%zd N=%zd K=%zd", fmt, M, N, K);
+        return NULL;
+    }
+    int64_t Kp = fmt == FMT_4BIT ? (K + 127) / 128 * 128 : K;
+    float *xp = aligned_alloc(64, (size_t)(M * Kp * sizeof(float) + 63) / 64 * 64);
+    if (!xp) return PyErr_NoMemory();
+    Gemv g = {fmt, ydt, bdt, M, N, Kp, (const void *)w, (const float *)scale, (const float *)code, xp,
+              (const void *)bias, (void *)y};
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    prepare_x(xp, (const void *)x, xdt, M, K, Kp, fmt == FMT_BF16);
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t n0, n1;
+        split_rows(N, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
+        float *part = malloc((size_t)((n1 - n0) * M) * sizeof(float) + 1);
+        if (part) gemv_range(&g, n0, n1, part);
+        else failed = 1;
+        free(part);
+    }
+    Py_END_ALLOW_THREADS
+    free(xp);
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* ---- dequantization (prefill): out [N, K] in fp32 or bf16, natural order ---- */
+
+static void dequant_row(int fmt, int64_t n, const void *w, const float *scale, const float *code, int64_t K, void *out,
+                        int odt)
+{
+    if (fmt == FMT_INT8) {
+        /* (q * SCB) * (1/127), in this order, is bitsandbytes' int8_vectorwise_dequant (scale = SCB). */
+        __m512 s = _mm512_set1_ps(scale[n]), inv127 = _mm512_set1_ps(INV127);
+        for (int64_t k = 0; k < K; k += 16) {
+            __m128i q = _mm_loadu_si128((const __m128i *)((const int8_t *)w + n * K + k));
+            __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), s), inv127);
+            store16(out, n * K + k, odt, v);
+        }
+        return;
+    }
+    int64_t Kp = (K + 127) / 128 * 128;
+    __m512 c = _mm512_loadu_ps(code);
+    for (int64_t k = 0; k < K; k += 128) {
+        __m512i line = _mm512_loadu_si512((const uint8_t *)w + n * (Kp / 2) + k / 2);
+        for (int t = 0; t < 8 && k + 16 * t < K; t++) {
+            __m512 a = _mm512_set1_ps(scale[n * (Kp / 64) + k / 64 + t / 4]);
+            store16(out, n * K + k + 16 * t, odt, _mm512_mul_ps(decode4(line, t, c), a));
+        }
+    }
+}
+
+static PyObject *py_dequantize(PyObject *self, PyObject *args)
+{
+    int fmt, odt, nthreads;
+    unsigned long long out, w, scale, code;
+    Py_ssize_t N, K;
+    if (!PyArg_ParseTuple(args, "iKiKKKnni", &fmt, &out, &odt, &w, &scale, &code, &N, &K, &nthreads)) return NULL;
+    if (N < 1 || K < 1 || K % (fmt == FMT_4BIT ? 64 : 16) != 0 || (fmt != FMT_INT8 && fmt != FMT_4BIT)) {
+        PyErr_Format(PyExc_ValueError, "dequantize: unsupported format %d or shape N=%zd K=%zd", fmt, N, K);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        dequant_row(fmt, n, (const void *)w, (const float *)scale, (const float *)code, K, (void *)out, odt);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"gemv", py_gemv, METH_VARARGS,
+     "gemv(fmt, y, ydt, x, xdt, w, scale, code, bias, bdt, M, N, K, nthreads): y[M,N] = x[M,K] @ W[N,K]^T (+ bias)"},
+    {"dequantize", py_dequantize, METH_VARARGS,
+     "dequantize(fmt, out, odt, w, scale, code, N, K, nthreads): out[N,K] = decoded weights"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    if (PyModule_AddIntConstant(m, "FMT_BF16", FMT_BF16) || PyModule_AddIntConstant(m, "FMT_INT8", FMT_INT8) ||
+        PyModule_AddIntConstant(m, "FMT_4BIT", FMT_4BIT) || PyModule_AddIntConstant(m, "DT_F32", DT_F32) ||
+        PyModule_AddIntConstant(m, "DT_BF16", DT_BF16)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

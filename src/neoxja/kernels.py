@@ -1,0 +1,152 @@
+"""Linear layers for the CPU decode path, on bf16, int8 and 4-bit weights.
+
+This module owns the choice of kernel for `y = x @ W.T + bias`:
+
+- small batches (at most MAX_GEMV_ROWS rows of activations, i.e. decoding) go to `neoxja._kernels`, the C/AVX-512
+  GEMV that streams the weights once and decodes them in registers;
+- larger batches (prefill) dequantize the weights once to the activations' dtype and use PyTorch's matmul;
+- without the native module (no compiler at install, or a CPU without AVX-512) the same functions run on PyTorch.
+
+Numerics, every path: weights decode exactly to fp32, products and sums are fp32 and the result is rounded once to the
+output dtype, so all paths equal `F.linear(x.float(), W_fp32, bias)` up to fp32 summation order (relative error of
+order 1e-6 of the row's |x|·|w| sum; tests use rtol 1e-5). The prefill path with bf16 activations is the
+exception: it multiplies by the weights rounded to bf16, as bitsandbytes' `Linear4bit` does.
+Measured against torch's own kernels: benchmarks/matmul.py.
+
+4-bit runtime layout (made by `pack_4bit` from code indices; the bitsandbytes layout is kept only on disk):
+rows are padded to Kp = K rounded up to 128; each 64-byte line of a row holds 128 weights, 32-bit lane j (0..15),
+nibble t (0..7, from the least significant) holding element 16t + j of the line. The kernel then needs one shift
+and one 16-entry permute per 16 weights. `absmax` is fp32 [N, Kp/64]; padding blocks have absmax 0.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from . import _kernels as _native
+except ImportError:  # built without a C compiler or without AVX-512: PyTorch fallback below
+    _native = None
+
+HAVE_NATIVE = _native is not None
+MAX_GEMV_ROWS = 8  # activation rows the GEMV kernel takes in one pass (batched decode); more is prefill
+
+_DT = {torch.float32: 0, torch.bfloat16: 1}  # dtype codes of _kernels (DT_F32, DT_BF16)
+
+
+def _ceil128(k: int) -> int:
+    return (k + 127) // 128 * 128
+
+
+def _linear(x: torch.Tensor, n: int, k: int, native_args, dequant, bias, out_dtype) -> torch.Tensor:
+    """Shared driver of the linear_* functions. `native_args` = (fmt, w, scale, code) for the GEMV kernel, or None
+    when the weight's shape does not suit it; `dequant(dtype)` returns W [N, K] in `dtype`."""
+    out_dtype = out_dtype or x.dtype
+    x2 = x.reshape(-1, k)
+    small = x2.shape[0] <= MAX_GEMV_ROWS
+    if (
+        small
+        and HAVE_NATIVE
+        and native_args is not None
+        and x2.dtype in _DT
+        and out_dtype in _DT
+        and not (x2.requires_grad and torch.is_grad_enabled())
+    ):
+        fmt, w, scale, code = native_args
+        x2 = x2.contiguous()
+        y = torch.empty(x2.shape[0], n, dtype=out_dtype)
+        if bias is not None:
+            bias = (bias if bias.dtype in _DT else bias.float()).contiguous()  # added in fp32, then one rounding
+        _native.gemv(
+            fmt, y.data_ptr(), _DT[out_dtype], x2.data_ptr(), _DT[x2.dtype], w.data_ptr(),
+            0 if scale is None else scale.data_ptr(), 0 if code is None else code.data_ptr(),
+            0 if bias is None else bias.data_ptr(), 0 if bias is None else _DT[bias.dtype],
+            x2.shape[0], n, k, torch.get_num_threads(),
+        )
+    else:
+        # Small batches compute in fp32 like the kernel; prefill with bf16 activations uses bf16 weights and bias
+        # (fast bf16 matmul; bitsandbytes' semantics).
+        w = dequant(torch.bfloat16 if x.dtype == torch.bfloat16 and not small else torch.float32)
+        y = F.linear(x2.to(w.dtype), w, None if bias is None else bias.to(w.dtype)).to(out_dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+# ---- bf16 weights ----
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`x @ weight.T + bias` for a bf16 weight [N, K] (K a multiple of 32 for the native path). The output has x's
+    dtype unless `out_dtype` says otherwise (e.g. fp32 logits from a bf16 head)."""
+    n, k = weight.shape
+    native = (_native.FMT_BF16, weight, None, None) if HAVE_NATIVE and k % 32 == 0 and weight.is_contiguous() else None
+    return _linear(x, n, k, native, weight.to, bias, out_dtype)
+
+
+# ---- int8 weights with one scale per output row ----
+
+
+def dequantize_int8(qweight: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W = qweight * SCB / 127 as bitsandbytes computes it ((q * SCB) * fp32(1/127)), then rounded to `dtype`."""
+    n, k = qweight.shape
+    if HAVE_NATIVE and dtype in _DT and k % 16 == 0:
+        out = torch.empty(n, k, dtype=dtype)
+        _native.dequantize(_native.FMT_INT8, out.data_ptr(), _DT[dtype], qweight.data_ptr(), scb.data_ptr(), 0, n, k,
+                           torch.get_num_threads())
+        return out
+    return (qweight.float() * scb.float()[:, None] * 7.874015718698502e-3).to(dtype)
+
+
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`x @ W.T + bias` with W = qweight [N, K] int8 * SCB [N] fp32 / 127 (bitsandbytes' Linear8bitLt format). The
+    kernel scales each row's int8 dot product once instead of each weight."""
+    n, k = qweight.shape
+    native = (_native.FMT_INT8, qweight, scb, None) if HAVE_NATIVE and k % 32 == 0 else None
+    return _linear(x, n, k, native, lambda dt: dequantize_int8(qweight, scb, dt), bias, out_dtype)
+
+
+# ---- 4-bit weights (nf4/fp4 code indices, one absmax per 64) in the runtime layout ----
+
+
+def pack_4bit(indices: torch.Tensor) -> torch.Tensor:
+    """Code indices [N, K] (values 0..15) -> runtime layout uint8 [N, Kp/2] (see the module docstring)."""
+    n, k = indices.shape
+    kp = _ceil128(k)
+    idx = F.pad(indices.to(torch.uint8), (0, kp - k))
+    lane_nibble = idx.view(n, kp // 128, 8, 16).transpose(2, 3)  # [n, line, lane j, nibble t]
+    return (lane_nibble[..., 0::2] | (lane_nibble[..., 1::2] << 4)).reshape(n, kp // 2).contiguous()
+
+
+def unpack_4bit(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of `pack_4bit`: runtime layout -> code indices [N, K] uint8."""
+    n, kp = packed.shape[0], packed.shape[1] * 2
+    b = packed.view(n, kp // 128, 16, 4)
+    lane_nibble = torch.stack((b & 15, b >> 4), dim=-1).reshape(n, kp // 128, 16, 8)
+    return lane_nibble.transpose(2, 3).reshape(n, kp)[:, :k].contiguous()
+
+
+def pad_absmax(absmax: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Per-block absmax of a [N, K] weight (K a multiple of 64, blocks in row-major order) -> fp32 [N, Kp/64]."""
+    return F.pad(absmax.float().view(n, k // 64), (0, (_ceil128(k) - k) // 64)).contiguous()
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, k: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Runtime layout -> W [N, K]: code[index] * absmax in fp32 (bitsandbytes' rule), then rounded to `dtype`."""
+    n = packed.shape[0]
+    if HAVE_NATIVE and dtype in _DT:
+        out = torch.empty(n, k, dtype=dtype)
+        _native.dequantize(_native.FMT_4BIT, out.data_ptr(), _DT[dtype], packed.data_ptr(), absmax.data_ptr(),
+                           code.data_ptr(), n, k, torch.get_num_threads())
+        return out
+    values = code.float()[unpack_4bit(packed, k).long()].view(n, k // 64, 64)
+    return (values * absmax[:, : k // 64, None]).reshape(n, k).to(dtype)
+
+
+def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, in_features: int,
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`x @ W.T + bias` with W in the 4-bit runtime layout (`pack_4bit`, `pad_absmax`; `code`: 16 fp32 values)."""
+    native = (_native.FMT_4BIT, packed, absmax, code) if HAVE_NATIVE else None
+    return _linear(x, packed.shape[0], in_features, native,
+                   lambda dt: dequantize_4bit(packed, absmax, code, in_features, dt), bias, out_dtype)
