@@ -363,7 +363,8 @@ def test_decode_accepts_tensors_and_arrays(tok):
 def test_decode_matches_reference_per_token_views(tok, ref):
     ids = list(range(0, 32000, 7)) + list(range(31700, 32000))
     assert tok.convert_ids_to_tokens(ids) == ref.convert_ids_to_tokens(ids)
-    assert tok.convert_ids_to_tokens(ids, skip_special_tokens=True) == ref.convert_ids_to_tokens(ids, skip_special_tokens=True)
+    skipped = ref.convert_ids_to_tokens(ids, skip_special_tokens=True)
+    assert tok.convert_ids_to_tokens(ids, skip_special_tokens=True) == skipped
     assert tok.convert_tokens_to_string(["a", " ", "b", "\n"]) == ref.convert_tokens_to_string(["a", " ", "b", "\n"])
     text = "I 'm here . Yes , no !"
     assert tok.decode(tok.encode(text), clean_up_tokenization_spaces=True) == "I'm here. Yes, no!"
@@ -437,16 +438,18 @@ def test_call_matches_reference(tok, ref):
     for args, kwargs in CALLS:
         assert dict(tok(*args, **kwargs)) == dict(ref(*args, **kwargs)), (args, kwargs)
     for kind, cls in (("pt", torch.Tensor), ("np", np.ndarray)):
-        mine, theirs = tok(["あ", "あいう"], padding=True, return_tensors=kind), ref(["あ", "あいう"], padding=True, return_tensors=kind)
+        mine = tok(["あ", "あいう"], padding=True, return_tensors=kind)
+        theirs = ref(["あ", "あいう"], padding=True, return_tensors=kind)
         assert isinstance(mine.input_ids, cls)
         assert all((mine[k] == theirs[k]).all() for k in theirs)
         assert mine.input_ids.dtype == theirs["input_ids"].dtype
+    long = "あいうえおかきくけこ"
     assert tok.encode("あいう", return_tensors="pt").tolist() == ref.encode("あいう", return_tensors="pt").tolist()
-    assert tok.encode("あいうえおかきくけこ", max_length=3, truncation=True) == ref.encode("あいうえおかきくけこ", max_length=3, truncation=True)
+    assert tok.encode(long, max_length=3, truncation=True) == ref.encode(long, max_length=3, truncation=True)
     left = GPTNeoXJapaneseTokenizer.from_pretrained(HUB_ID, truncation_side="left")
     ref_left = reference(False)
     ref_left.truncation_side = "left"
-    assert left("あいうえおかきくけこ", max_length=3, truncation=True) == dict(ref_left("あいうえおかきくけこ", max_length=3, truncation=True))
+    assert left(long, max_length=3, truncation=True) == dict(ref_left(long, max_length=3, truncation=True))
     batch = tok(["あ", "あいう"], padding=True, return_tensors="pt")
     assert batch.to("cpu") is batch and batch.attention_mask.tolist() == [[1, 0], [1, 1]]
     padded = tok.pad([{"input_ids": [1, 2]}, {"input_ids": [3]}], return_tensors="pt")
@@ -501,12 +504,15 @@ def test_bundled_hub_id_needs_no_network(monkeypatch):
 
 
 def test_save_and_load_round_trip(tok, ref, tmp_path):
-    clean = GPTNeoXJapaneseTokenizer.from_pretrained(HUB_ID, do_clean_text=True, model_max_length=2048, padding_side="left")
-    written = clean.save_pretrained(tmp_path / "ours")
-    assert sorted(Path(p).name for p in written) == ["emoji.json", "special_tokens_map.json", "tokenizer_config.json", "vocab.txt"]
+    clean = GPTNeoXJapaneseTokenizer.from_pretrained(
+        HUB_ID, do_clean_text=True, model_max_length=2048, padding_side="left"
+    )
+    written = sorted(Path(p).name for p in clean.save_pretrained(tmp_path / "ours"))
+    assert written == ["emoji.json", "special_tokens_map.json", "tokenizer_config.json", "vocab.txt"]
     config = json.loads((tmp_path / "ours" / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "GPTNeoXJapaneseTokenizer" and config["do_clean_text"] is True
-    for loaded in (GPTNeoXJapaneseTokenizer.from_pretrained(tmp_path / "ours"), AutoTokenizer.from_pretrained(tmp_path / "ours")):
+    for loaded in (GPTNeoXJapaneseTokenizer.from_pretrained(tmp_path / "ours"),
+                   AutoTokenizer.from_pretrained(tmp_path / "ours")):  # fmt: skip
         assert loaded.do_clean_text and loaded.model_max_length == 2048 and loaded.padding_side == "left"
         assert loaded.encode("見てhttps://x.jp") == clean.encode("見てhttps://x.jp")
         assert loaded.spellings == clean.spellings and loaded.emoji == clean.emoji

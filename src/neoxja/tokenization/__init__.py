@@ -92,4 +92,6 @@ def _pick_class(source: str | os.PathLike, find: Callable[[str], Path | None]) -
     )
 
 
-__all__ = ["AutoTokenizer", "BatchEncoding", "GPTNeoXJapaneseTokenizer", "SentencePieceTokenizer", "T5Tokenizer", "Tokenizer"]
+__all__ = [
+    "AutoTokenizer", "BatchEncoding", "GPTNeoXJapaneseTokenizer", "SentencePieceTokenizer", "T5Tokenizer", "Tokenizer",
+]  # fmt: skip

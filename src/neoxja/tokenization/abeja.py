@@ -43,13 +43,13 @@ _REPLACEMENTS = [
 ]
 
 # Step 1c (do_clean_text): the reference's patterns (verbatim data), applied in order, each replacing all matches.
-# With each, what a text must contain for the pattern to match at all: one alternative of every group (a
-# character or a string). A cheap test that skips most patterns on most text.
+# With each, characters a text must contain for the pattern to match at all: one of every group. A cheap test
+# that skips most patterns on most text (the patterns themselves then decide).
 _DATE_TAIL = r"(\d{1,2}|:|\d{1,2}時|\d{1,2}分|\(日\)|\(月\)|\(火\)|\(水\)|\(木\)|\(金\)|\(土\)|㈰|㈪|㈫|㈬|㈭|㈮|㈯)*"
 _DIGITS = list("0123456789")
 _BOX = [chr(c) for c in range(0x2500, 0x25A0)]  # box drawing U+2500-257F and block elements U+2580-259F
 _CLEAN_RULES = [
-    (r"(https?|ftp)(:\/\/[-_\.!~*\'()a-zA-Z0-9;\/?:\@&=\+$,%#]+)", "<URL>", [["://"]]),
+    (r"(https?|ftp)(:\/\/[-_\.!~*\'()a-zA-Z0-9;\/?:\@&=\+$,%#]+)", "<URL>", [[":"], ["/"]]),
     (r"[A-Za-z0-9\._+]*@[\-_0-9A-Za-z]+(\.[A-Za-z]+)*", "<EMAIL>", [["@"]]),
     (r"[\(]{0,1}[0-9]{2,4}[\)\-\(]{0,1}[0-9]{2,4}[\)\-]{0,1}[0-9]{3,4}", "<TEL>", [_DIGITS]),
     (r"([12]\d{3}[/\-年])*(0?[1-9]|1[0-2])[/\-月]((0?[1-9]|[12][0-9]|3[01])日?)*" + _DATE_TAIL, "<DATE>",
@@ -58,11 +58,11 @@ _CLEAN_RULES = [
      "<DATE>", [["年"], ["月"], ["日"]]),
     (r"(?:\d,\d{3}|[\d億])*+(?:\d,\d{3}|[\d万])*+(?:\d,\d{3}|[\d千])*+"
      r"(?:千円|万円|千万円|円|千ドル|万ドル|千万ドル|ドル|千ユーロ|万ユーロ|千万ユーロ|ユーロ)+(?:\(税込\)|\(税抜\)|\+tax)*",
-     "<PRICE>", [["円", "ドル", "ユーロ"]]),
+     "<PRICE>", [["円", "ド", "ユ"]]),  # 円, ドル or ユーロ
     # The reference replaces each box/block character with <BLOCK> and then collapses "<BLOCK><BLOCK>" until
     # none is left; "<BLOCK>" cannot overlap itself, so that is exactly "a run of <BLOCK> tags (inserted or
     # already in the text) becomes one".
-    ("(?:[\u2500-\u259f]|<BLOCK>)+", "<BLOCK>", [_BOX + ["<BLOCK>"]]),
+    ("(?:[\u2500-\u259f]|<BLOCK>)+", "<BLOCK>", [_BOX + ["K"]]),  # K: of the tag <BLOCK>
 ]  # fmt: skip
 
 # Step 2 fallbacks for a character with no vocabulary entry.
@@ -70,7 +70,9 @@ _KIGOU_RANGES = ((0xA1, 0xBF), (0x1C0, 0x1C3), (0x2B9, 0x362))  # 2-byte UTF-8 s
 _U2000_RANGE = (0x2000, 0x2BFF)  # general punctuation .. miscellaneous symbols and arrows
 
 # Decoding: what the structural tags render as.
-_TAG_TEXT = {"<SP>": " ", "<BR>": "\n", "<TAB>": "\t", "<BLOCK>": "\u2580", "<KIGOU>": "\u01c0", "<U2000U2BFF>": "\u2016"}
+_TAG_TEXT = {
+    "<SP>": " ", "<BR>": "\n", "<TAB>": "\t", "<BLOCK>": "\u2580", "<KIGOU>": "\u01c0", "<U2000U2BFF>": "\u2016",
+}  # fmt: skip
 _BYTE_TOKEN = re.compile(r"<\|byte(\d+)\|>")
 
 _CACHE_LIMIT = 1 << 18  # decisions cached by the pure-Python segmenter before the cache is reset
@@ -103,7 +105,9 @@ def load_emoji(path: str | os.PathLike) -> dict[str, dict[str, str]]:
         for k in ("emoji", "emoji_inv")
     )
     if not ok:
-        raise CheckpointError(f"corrupt ABEJA emoji file {path}: expected {{'emoji': {{str: str}}, 'emoji_inv': {{str: str}}}}")
+        raise CheckpointError(
+            f"corrupt ABEJA emoji file {path}: expected {{'emoji': {{str: str}}, 'emoji_inv': {{str: str}}}}"
+        )
     if "" in emoji["emoji"]:
         raise CheckpointError(f"corrupt ABEJA emoji file {path}: an emoji sequence is empty")
     return emoji
@@ -154,16 +158,15 @@ class TextCleaner:
     """Step 1c, do_clean_text: URLs, e-mails, phone numbers, dates, prices and box drawing become tags."""
 
     def __init__(self, native: bool):
-        self.rules = []
-        for pattern, tag, needs in _CLEAN_RULES:
-            groups = [(frozenset(a for a in g if len(a) == 1), [a for a in g if len(a) > 1]) for g in needs]
-            self.rules.append((re.compile(pattern), tag, groups))
-        self.scanner = char_scanner({c for _, _, needs in _CLEAN_RULES for g in needs for c in g if len(c) == 1}, native)
+        self.rules = [(re.compile(p), tag, [frozenset(g) for g in needs]) for p, tag, needs in _CLEAN_RULES]
+        self.scanner = char_scanner({c for _, _, needs in _CLEAN_RULES for group in needs for c in group}, native)
 
     def __call__(self, text: str) -> str:
         present = self.scanner.intersection(text)  # stays a superset of the text's characters as tags go in
+        if not present:
+            return text
         for pattern, tag, groups in self.rules:
-            if all(present & chars or any(s in text for s in strings) for chars, strings in groups):
+            if all(not present.isdisjoint(group) for group in groups):
                 text, count = pattern.subn(tag, text)
                 if count:
                     present |= set(tag)
@@ -237,7 +240,7 @@ class GPTNeoXJapaneseTokenizer(Tokenizer):
         # At '<' the reference tries every window length down from (longest spelling + 1): only the lengths of
         # '<'-spellings of 3+ characters can win there, so those are all that is tried.
         self._angle_lengths = sorted({len(w) for w in vocab if w[0] == "<" and len(w) > 2}, reverse=True)
-        self._unk_id = self.vocab.get(self.unk_token) if self.unk_token is not None else None
+        self._unk_id = self.vocab.get(self.unk_token)  # for the fallbacks, fixed here like the C tables
         # Prefixes (1 or 2 characters) of longer spellings that can be matched (at most 3 characters).
         self._extends = {w[:k] for w in vocab if len(w) <= 3 for k in range(1, len(w))}
         self._decisions: dict[str, tuple[int, tuple[int, ...], tuple[str, ...]]] = {}
@@ -285,7 +288,7 @@ class GPTNeoXJapaneseTokenizer(Tokenizer):
         elif _U2000_RANGE[0] <= code <= _U2000_RANGE[1]:
             tokens = ("<U2000U2BFF>",)
         elif 0xD800 <= code <= 0xDFFF:
-            raise InputError(f"text has a lone surrogate U+{code:04X}, which is not a character and has no UTF-8 encoding")
+            raise InputError(f"text has a lone surrogate U+{code:04X}: not a character, it has no UTF-8 encoding")
         else:
             tokens = tuple(f"<|byte{b}|>" for b in char.encode("utf-8"))
         ids = tuple(self._fallback_id(t) for t in tokens)
@@ -343,7 +346,7 @@ class GPTNeoXJapaneseTokenizer(Tokenizer):
     # Vocabulary
 
     def _convert_token_to_id(self, token: str) -> int:
-        return self.vocab.get(token, self._unk_id)
+        return self.vocab.get(token, self.vocab.get(self.unk_token))
 
     @property
     def vocab_size(self) -> int:
@@ -380,16 +383,15 @@ class GPTNeoXJapaneseTokenizer(Tokenizer):
         return _TAG_TEXT.get(word, word)
 
     def _build_decoder(self) -> None:
-        specials = set(self.all_special_tokens)
         self._id_bytes: list[bytes] = []
         self._id_text: list[str] = []
         for spellings in self.spellings:
-            word = spellings[0]
-            rendered = word if word in specials else self._render(word)
+            rendered = self._render(spellings[0])
             if isinstance(rendered, bytes):
                 self._id_bytes.append(rendered)
                 self._id_text.append(rendered.decode("utf-8", errors="replace"))  # the reference's per-id view
             else:
+                # surrogatepass: a lone surrogate from an odd emoji.json decodes to U+FFFD instead of failing
                 self._id_bytes.append(rendered.encode("utf-8", errors="surrogatepass"))
                 self._id_text.append(rendered)
 

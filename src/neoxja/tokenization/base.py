@@ -197,11 +197,11 @@ class Tokenizer:
     eos_token = _SpecialToken()
     unk_token = _SpecialToken()
     pad_token = _SpecialToken()
+    additional_special_tokens = _SpecialToken()  # a tuple; assign a new sequence to change it
     bos_token_id = _SpecialTokenId()
     eos_token_id = _SpecialTokenId()
     unk_token_id = _SpecialTokenId()
     pad_token_id = _SpecialTokenId()
-    additional_special_tokens = _SpecialToken()  # a tuple; assign a new sequence to change it
 
     vocab_files: dict[str, str] = {}  # constructor argument -> file name in a checkpoint directory
     model_input_names = ["input_ids", "attention_mask"]
@@ -301,7 +301,6 @@ class Tokenizer:
     @property
     def all_special_ids(self) -> list[int]:
         return [self._convert_token_to_id(t) for t in self.all_special_tokens]
-
 
     def _split_special(self, text: str) -> list[tuple[str, bool]]:
         """(piece, is_special) pieces of text, special-token strings matched whole, leftmost then longest."""
