@@ -11,7 +11,10 @@ PyTorch ops. Each kernel cycles through copies of its weights adding up to --poo
 memory and not from the caches; kernels take turns, so machine noise hits all alike. Reported: the best and the
 median pass. Bytes count everything a kernel reads per call (weights, scales, absmax).
 
-Bandwidth: the best of summing a 1 GiB fp32 tensor with PyTorch (all threads). The decode limit of a format is
+With --threads 1 the clock is the thread's CPU time, which other processes on a shared machine cannot stretch by
+descheduling it; with more threads it is wall time (best of --reps).
+
+Bandwidth: the best of summing a 1 GiB fp32 tensor with PyTorch (same threads, same clock). The decode limit of a format is
 bandwidth / bytes per weight; the issue's goals compare tokens/s with the bf16 limit (bf16 >= 0.8, int8 >= 1.5,
 nf4 >= 2.5): for one GEMV that is weights/s divided by (bandwidth / 2)."""
 from __future__ import annotations
@@ -36,13 +39,13 @@ SHAPES = {  # [out, in] of GPT-NeoX-Japanese 2.7B
 }
 
 
-def read_bandwidth(reps: int) -> float:
+def read_bandwidth(reps: int, clock: Callable[[], float]) -> float:
     data = torch.ones(256 * 1024 * 1024)  # 1 GiB
     best = float("inf")
     for _ in range(reps):
-        start = time.perf_counter()
+        start = clock()
         data.sum()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return data.numel() * 4 / best / 1e9
 
 
@@ -105,7 +108,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    bandwidth = read_bandwidth(args.reps)
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
+    bandwidth = read_bandwidth(args.reps, clock)
     print(f"threads {args.threads}, rows {args.rows}, native kernels {kernels.HAVE_NATIVE}; "
           f"read bandwidth {bandwidth:.1f} GB/s (bf16 limit {bandwidth / 2:.1f} G weights/s)\n")
     print(f"{'layer':18} {'kernel':42} {'GB/s best':>9} {'median':>7} {'of BW':>6} {'x bf16 limit':>12}")
@@ -115,10 +119,10 @@ def main() -> None:
             times: dict[str, list[float]] = {name: [] for name in calls}
             for _ in range(args.reps):
                 for name, (_, fns) in calls.items():
-                    start = time.perf_counter()
+                    start = clock()
                     for fn in fns:
                         fn()
-                    times[name].append((time.perf_counter() - start) / len(fns))
+                    times[name].append((clock() - start) / len(fns))
             for name, (nbytes, _) in calls.items():
                 best, median = min(times[name]), statistics.median(times[name])
                 rate = nbytes / best / 1e9

@@ -19,9 +19,9 @@ from torch import nn
 from neoxja import kernels
 from neoxja.errors import CheckpointError, ConfigError, InputError
 from neoxja.quantization import (
-    BitsAndBytesConfig, Int8Linear, Linear4bit, code_book, default_skip_modules, double_dequantize, double_quantize,
-    dequantize_4bit, dynamic_map, prepare_quantized_model, quantize_4bit, quantize_int8, quantize_loaded_model,
-    quantize_model, quantized_state_keys,
+    FP4_PIVOTS, BitsAndBytesConfig, Int8Linear, Linear4bit, code_book, default_skip_modules, double_dequantize,
+    double_quantize, dequantize_4bit, dynamic_map, prepare_quantized_model, quantize_4bit, quantize_int8,
+    quantize_loaded_model, quantize_model, quantized_state_keys,
 )
 
 
@@ -35,6 +35,15 @@ def golden_weight() -> torch.Tensor:
     i = torch.arange(64 * 256, dtype=torch.int64)
     v = ((i * 2654435761) % 2001 - 1000).to(torch.float32) / 997.0
     return (v * torch.where(i % 64 == 5, 8.0, 1.0) * torch.where(i % 4096 < 64, 0.25, 1.0)).view(64, 256)
+
+
+@pytest.fixture(params=[True, False], ids=["native", "fallback"])
+def native(request, monkeypatch) -> bool:
+    """Runs a test with the C kernels and with the PyTorch fallback."""
+    if request.param and not kernels.HAVE_NATIVE:
+        pytest.fail("neoxja._kernels is not built: see test_native_kernels_are_built")
+    monkeypatch.setattr(kernels, "HAVE_NATIVE", request.param)
+    return request.param
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -64,7 +73,7 @@ def test_code_books():
 # 4-bit quantization, bit-exact
 
 
-def test_nf4_known_vector_follows_spec_rules():
+def test_nf4_known_vector_follows_spec_rules(native: bool):
     """One block with absmax 1: code points map to themselves, a value on a threshold to the lower index, the next
     float above it to the higher one, other values to the nearest code point; element 2k goes to the high nibble."""
     code = code_book("nf4")
@@ -101,7 +110,7 @@ def test_fp4_known_vector_follows_cuda_rule():
     assert torch.equal(dequantize_4bit(packed, absmax, (len(x),), "fp4"), code[torch.tensor(expected)])
 
 
-def test_nf4_double_quant_golden_from_bitsandbytes():
+def test_nf4_double_quant_golden_from_bitsandbytes(native: bool):
     """Recorded from bitsandbytes 0.50.2: quantize_4bit(golden_weight(), blocksize=64, quant_type="nf4",
     compress_statistics=True) and dequantize_4bit of it."""
     w = golden_weight()
@@ -113,6 +122,25 @@ def test_nf4_double_quant_golden_from_bitsandbytes():
     assert nested_absmax.tolist() == [3.9874038696289062] and offset == 4.028644561767578
     w_hat = dequantize_4bit(packed, double_dequantize(codes, nested_absmax, offset), w.shape, "nf4")
     assert sha256(w_hat) == "9eb7ce0813823d22e315837d4bdbd63abb7c41996207b58d1b0db1dab4b51f11"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_4bit_quantization_is_bit_exact(dtype, monkeypatch):
+    if not kernels.HAVE_NATIVE:
+        pytest.fail("neoxja._kernels is not built: see test_native_kernels_are_built")
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 640, generator=gen) * torch.rand(256, 1, generator=gen) * 3
+    code = code_book("nf4")
+    w[3, :64], w[5, 5], w[7] = 0, 1e-30, -w[7]
+    w[9, :15], w[9, 15] = (code[:-1] + code[1:]) / 2, 1.0  # exactly on the NF4 thresholds
+    w[10, :7], w[10, 7] = torch.tensor(FP4_PIVOTS), -1.0  # exactly on the FP4 pivots
+    w = w.to(dtype)
+    for quant_type in ("nf4", "fp4"):
+        ours = quantize_4bit(w, quant_type)
+        monkeypatch.setattr(kernels, "HAVE_NATIVE", False)
+        reference = quantize_4bit(w, quant_type)
+        monkeypatch.setattr(kernels, "HAVE_NATIVE", True)
+        assert torch.equal(ours[0], reference[0]) and torch.equal(ours[1], reference[1])
 
 
 def test_double_quant_rounds_to_nearest_map_entry():
@@ -156,8 +184,8 @@ def test_against_bitsandbytes():
     # FP4: bitsandbytes' CPU path differs from the CUDA rule only in the sign of zero and exactly on pivots.
     fp4_packed, fp4_absmax = quantize_4bit(w, "fp4")
     ref_fp4, fp4_state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="fp4")
-    same = dequantize_4bit(fp4_packed, fp4_absmax, w.shape, "fp4", torch.float16) == bnb_functional.dequantize_4bit(ref_fp4,
-                                                                                                       fp4_state)
+    ours_fp4 = dequantize_4bit(fp4_packed, fp4_absmax, w.shape, "fp4", torch.float16)
+    same = ours_fp4 == bnb_functional.dequantize_4bit(ref_fp4, fp4_state)
     assert same.float().mean() > 0.999
     q, scb = quantize_int8(w)
     ref_q, ref_scb, _ = bnb_functional.int8_vectorwise_quant(w)
@@ -195,15 +223,6 @@ def _check_close(y: torch.Tensor, ref: torch.Tensor) -> None:
         assert (y.double() - ref).abs().max().item() <= 2**-8 * scale
 
 
-@pytest.fixture(params=[True, False], ids=["native", "fallback"])
-def native(request, monkeypatch) -> bool:
-    """Runs a test with the C kernels and with the PyTorch fallback."""
-    if request.param and not kernels.HAVE_NATIVE:
-        pytest.fail("neoxja._kernels is not built: see test_native_kernels_are_built")
-    monkeypatch.setattr(kernels, "HAVE_NATIVE", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("kind", sorted(LAYERS))
 def test_quantized_linear_matches_dequantized(kind: str, native: bool):
     for n, k, bias in [(40, 256, True), (33, 192, False), (24, 320, True)]:  # K % 128 == 64 pads the 4-bit rows
@@ -225,6 +244,25 @@ def test_quantized_linear_matches_dequantized(kind: str, native: bool):
                     _check_close(y, F.linear(x.double(), w.double(), b))
         x3 = torch.randn(2, 3, k)  # leading batch dimensions
         assert torch.allclose(layer(x3), layer(x3.view(6, k)).view(2, 3, n), rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_flow_to_the_activations():
+    layer = Linear4bit.from_linear(_linear(16, 128), "nf4")
+    x = torch.randn(2, 128, requires_grad=True)
+    layer(x).sum().backward()  # the kernel has no backward: this takes the PyTorch path
+    assert torch.allclose(x.grad, layer.dequantize().sum(0).expand(2, -1), rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_refuse_bad_tensors():
+    layer = Linear4bit.from_linear(_linear(16, 128), "nf4")
+    with pytest.raises(InputError, match="last dimension"):
+        layer(torch.randn(2, 64))
+    with pytest.raises(InputError, match="absmax must be a contiguous torch.float32"):
+        kernels.linear_4bit(torch.randn(1, 128), layer.qweight, layer.absmax.double(), layer.code, 128)
+    with pytest.raises(InputError, match="not contiguous"):
+        kernels.linear_int8(torch.randn(1, 64), torch.zeros(64, 8, dtype=torch.int8).t(), torch.ones(8))
+    with pytest.raises(InputError, match="bfloat16"):
+        kernels.linear_bf16(torch.randn(1, 64), torch.randn(8, 64))
 
 
 def test_native_and_fallback_agree(monkeypatch):

@@ -5,7 +5,7 @@ its weights stream from memory. These kernels keep that rate close to the memory
 formats by decoding weights in registers and never writing a dequantized copy:
 
   FMT_BF16  bf16 [N, K]                                   (plain bf16 checkpoints)
-  FMT_INT8  int8 [N, K], w = q * SCB[n] / 127                (load_in_8bit)
+  FMT_INT8  int8 [N, K], w = q * SCB[n] / 127             (load_in_8bit)
   FMT_4BIT  4-bit code indices, one fp32 absmax per 64     (load_in_4bit, nf4 or fp4: the code book is an argument)
             in the runtime layout made by neoxja.kernels.pack_4bit (see there)
 
@@ -31,7 +31,7 @@ one OpenMP runtime and one thread pool. */
 
 #define INLINE static inline __attribute__((always_inline))
 
-enum { DT_F32 = 0, DT_BF16 = 1 };
+enum { DT_F32 = 0, DT_BF16 = 1 }; /* dtype codes; neoxja.kernels._DT mirrors them */
 enum { FMT_BF16 = 0, FMT_INT8 = 1, FMT_4BIT = 2 };
 enum { MAX_M = 8 };
 static const float INV127 = 7.874015718698502e-3f; /* fp32(1/127), the factor bitsandbytes' int8 dequantization uses */
@@ -63,6 +63,15 @@ INLINE __m256i f32x16_to_bf16(__m512 v)
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
 }
 
+/* 16 fp32 or bf16 values as fp32 (exact) */
+INLINE __m512 load16(const void *src, int64_t off, int dt)
+{
+    if (dt == DT_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)src + off))), 16));
+    return _mm512_loadu_ps((const float *)src + off);
+}
+
 INLINE void store16(void *out, int64_t off, int dt, __m512 v)
 {
     if (dt == DT_BF16)
@@ -73,16 +82,24 @@ INLINE void store16(void *out, int64_t off, int dt, __m512 v)
 
 /* ---- activations ---- */
 
-/* x [M, K] (fp32 or bf16) -> xp [M, Kp] fp32, zero-padded to Kp, in the element order the weight decoder yields:
-   for bf16 weights each 32-element chunk is reordered to its 16 even then its 16 odd elements (see decode32);
-   the other formats keep the natural order. */
+/* x [M, K] (fp32 or bf16, K a multiple of 32) -> xp [M, Kp] fp32, zero-padded to Kp, in the element order the
+   weight decoder yields: for bf16 weights each 32-element chunk becomes its 16 even then its 16 odd elements (see
+   decode32); the other formats keep the natural order. */
 static void prepare_x(float *xp, const void *x, int xdt, int64_t M, int64_t K, int64_t Kp, int evens_first)
 {
+    const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
     for (int64_t m = 0; m < M; m++) {
         float *dst = xp + m * Kp;
-        for (int64_t k = 0; k < K; k++) {
-            float v = xdt == DT_BF16 ? bf16_to_f32(((const uint16_t *)x)[m * K + k]) : ((const float *)x)[m * K + k];
-            dst[evens_first ? (k & ~31) + (k & 1) * 16 + ((k & 31) >> 1) : k] = v;
+        for (int64_t k = 0; k < K; k += 32) {
+            __m512 a = load16(x, m * K + k, xdt), b = load16(x, m * K + k + 16, xdt);
+            if (evens_first) {
+                __m512 e = _mm512_permutex2var_ps(a, evens, b);
+                b = _mm512_permutex2var_ps(a, odds, b);
+                a = e;
+            }
+            _mm512_storeu_ps(dst + k, a);
+            _mm512_storeu_ps(dst + k + 16, b);
         }
         memset(dst + K, 0, (size_t)(Kp - K) * sizeof(float));
     }
@@ -115,7 +132,11 @@ INLINE __m512 decode4(__m512i line, int t, __m512 code)
 }
 
 /* ---- GEMV: y[m, n] = sum_k x[m, k] w[n, k] (* SCB[n] / 127 for int8) + bias[n] ----
-   A tile is R rows x M activation rows over one block of K; its sums are added to part[r * M + m]. */
+   A tile is R rows x M activation rows over one block of K; its sums are added to part[r * M + m].
+   PREFETCH: a tile reads R rows side by side, each a short stream (a 2560-wide 4-bit row is 20 cache lines) that
+   the hardware prefetcher hardly ramps up on before it ends. The rows of the next tile follow in memory, so each
+   line read also asks for the same line of the next tile, into L2; that alone raised single-thread streaming by
+   15-60 % here (benchmarks/matmul.py). */
 
 INLINE void zero(int R, int M, __m512 acc[][MAX_M])
 {
@@ -140,7 +161,11 @@ INLINE void tile_32(int fmt, int R, int M, int64_t n, const void *w, int64_t K, 
     for (int64_t k = k0; k < k1; k += 32) {
         __m512 w0[8], w1[8];
 #pragma GCC unroll 8
-        for (int r = 0; r < R; r++) decode32(fmt, (const char *)w + (n + r) * K * esize, k, &w0[r], &w1[r]);
+        for (int r = 0; r < R; r++) {
+            const char *row = (const char *)w + (n + r) * K * esize;
+            _mm_prefetch(row + R * K * esize + k * esize, _MM_HINT_T1); /* see PREFETCH */
+            decode32(fmt, row, k, &w0[r], &w1[r]);
+        }
 #pragma GCC unroll 8
         for (int m = 0; m < M; m++) { /* each activation vector is loaded once and used for all R rows */
             __m512 xa = _mm512_loadu_ps(xp + m * K + k), xb = _mm512_loadu_ps(xp + m * K + k + 16);
@@ -162,7 +187,11 @@ INLINE void tile_4bit(int R, int M, int64_t n, const uint8_t *w, const float *ab
     for (int64_t k = k0; k < k1; k += 128) {
         __m512i line[4];
 #pragma GCC unroll 8
-        for (int r = 0; r < R; r++) line[r] = _mm512_loadu_si512(w + (n + r) * (K / 2) + k / 2);
+        for (int r = 0; r < R; r++) {
+            const uint8_t *p = w + (n + r) * (K / 2) + k / 2;
+            _mm_prefetch((const char *)p + R * (K / 2), _MM_HINT_T1); /* see PREFETCH */
+            line[r] = _mm512_loadu_si512(p);
+        }
 #pragma GCC unroll 2
         for (int b = 0; b < 2; b++) {
             __m512 s[4][MAX_M];
@@ -227,7 +256,8 @@ INLINE void gemv_rows(const Gemv *g, int fmt, int R, int M, int64_t n0, int64_t 
         for (int m = 0; m < M; m++) {
             float v = part[(n - n0) * M + m];
             if (fmt == FMT_INT8) v = v * g->scale[n] * INV127; /* scale = SCB, the row's absmax */
-            if (g->bias) v += g->bdt == DT_BF16 ? bf16_to_f32(((const uint16_t *)g->bias)[n]) : ((const float *)g->bias)[n];
+            if (g->bias)
+                v += g->bdt == DT_BF16 ? bf16_to_f32(((const uint16_t *)g->bias)[n]) : ((const float *)g->bias)[n];
             if (g->ydt == DT_BF16)
                 ((uint16_t *)g->y)[m * g->N + n] = f32_to_bf16(v);
             else
@@ -297,8 +327,12 @@ static PyObject *py_gemv(PyObject *self, PyObject *args)
         int64_t n0, n1;
         split_rows(N, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
         float *part = malloc((size_t)((n1 - n0) * M) * sizeof(float) + 1);
-        if (part) gemv_range(&g, n0, n1, part);
-        else failed = 1;
+        if (part)
+            gemv_range(&g, n0, n1, part);
+        else {
+#pragma omp atomic write
+            failed = 1;
+        }
         free(part);
     }
     Py_END_ALLOW_THREADS
@@ -351,11 +385,76 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* ---- blockwise 4-bit quantization (quantize-at-load): bitsandbytes' rule, bit-exact with the PyTorch version in
+   neoxja.quantization (same fp32 operations: absmax, reciprocal of max(absmax, 1e-38), multiply, clamp) ---- */
+
+static const float NF4_THRESHOLDS[15] = { /* fp32 midpoints of the NF4 code; a value on one takes the lower index */
+    -0.8480963706970215f, -0.6106328964233398f, -0.4599952697753906f, -0.33967941999435425f, -0.23460739850997925f,
+    -0.13791173696517944f, -0.045525018125772476f, 0.03979014977812767f, 0.120255246758461f, 0.2035212516784668f,
+    0.2920137643814087f, 0.3893125355243683f, 0.5016634464263916f, 0.6427869200706482f, 0.8614784479141235f};
+/* FP4: the pivots of bitsandbytes' CUDA dQuantizeFP4 on |x| and the 3-bit pattern of each magnitude rank */
+static const float FP4_PIVOTS[7] = {0.00260417f, 0.0859375f, 0.20833333f, 0.29166667f, 0.4166667f, 0.583333f,
+                                    0.8333333f};
+
+static void quantize_block(const void *w, int wdt, int64_t b, int nf4, uint8_t *idx, float *absmax)
+{
+    __m512 v[4], m = _mm512_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = load16(w, b * 64 + 16 * i, wdt);
+        m = _mm512_max_ps(m, _mm512_abs_ps(v[i]));
+    }
+    float a = _mm512_reduce_max_ps(m);
+    absmax[b] = a;
+    __m512 r = _mm512_set1_ps(1.0f / (a > 1e-38f ? a : 1e-38f)), one = _mm512_set1_ps(1.0f);
+    const __m512i ones = _mm512_set1_epi32(1);
+    const __m512i patterns = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 3, 2, 5, 4, 7, 6, 1, 0); /* by magnitude rank */
+    for (int i = 0; i < 4; i++) {
+        __m512 x = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v[i], r), _mm512_sub_ps(_mm512_setzero_ps(), one)), one);
+        __m512i q = _mm512_setzero_si512();
+        if (nf4) {
+            for (int t = 0; t < 15; t++) { /* index = number of thresholds below x */
+                __mmask16 below = _mm512_cmp_ps_mask(_mm512_set1_ps(NF4_THRESHOLDS[t]), x, _CMP_LT_OQ);
+                q = _mm512_mask_add_epi32(q, below, q, ones);
+            }
+        } else {
+            __m512 ax = _mm512_abs_ps(x);
+            for (int t = 0; t < 7; t++) {
+                __mmask16 below = _mm512_cmp_ps_mask(_mm512_set1_ps(FP4_PIVOTS[t]), ax, _CMP_LT_OQ);
+                q = _mm512_mask_add_epi32(q, below, q, ones);
+            }
+            __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+            q = _mm512_permutexvar_epi32(q, patterns);
+            q = _mm512_mask_or_epi32(q, negative, q, _mm512_set1_epi32(8)); /* the sign bit */
+        }
+        _mm_storeu_si128((__m128i *)(idx + b * 64 + 16 * i), _mm512_cvtepi32_epi8(q));
+    }
+}
+
+static PyObject *py_quantize_4bit(PyObject *self, PyObject *args)
+{
+    int wdt, nf4, nthreads;
+    unsigned long long idx, absmax, w;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "KKKinpi", &idx, &absmax, &w, &wdt, &n, &nf4, &nthreads)) return NULL;
+    if (n < 1 || n % 64 != 0) {
+        PyErr_Format(PyExc_ValueError, "quantize_4bit: n=%zd is not a positive multiple of 64", n);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < n / 64; b++)
+        quantize_block((const void *)w, wdt, b, nf4, (uint8_t *)idx, (float *)absmax);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"gemv", py_gemv, METH_VARARGS,
      "gemv(fmt, y, ydt, x, xdt, w, scale, code, bias, bdt, M, N, K, nthreads): y[M,N] = x[M,K] @ W[N,K]^T (+ bias)"},
     {"dequantize", py_dequantize, METH_VARARGS,
      "dequantize(fmt, out, odt, w, scale, code, N, K, nthreads): out[N,K] = decoded weights"},
+    {"quantize_4bit", py_quantize_4bit, METH_VARARGS,
+     "quantize_4bit(idx, absmax, w, wdt, n, nf4, nthreads): code indices (uint8 [n]) and absmax (fp32 [n/64])"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -366,8 +465,7 @@ PyMODINIT_FUNC PyInit__kernels(void)
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     if (PyModule_AddIntConstant(m, "FMT_BF16", FMT_BF16) || PyModule_AddIntConstant(m, "FMT_INT8", FMT_INT8) ||
-        PyModule_AddIntConstant(m, "FMT_4BIT", FMT_4BIT) || PyModule_AddIntConstant(m, "DT_F32", DT_F32) ||
-        PyModule_AddIntConstant(m, "DT_BF16", DT_BF16)) {
+        PyModule_AddIntConstant(m, "FMT_4BIT", FMT_4BIT)) {
         Py_DECREF(m);
         return NULL;
     }

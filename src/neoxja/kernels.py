@@ -23,7 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:
+from .errors import InputError
+
+try:  # after torch: the module then binds to torch's libgomp (same soname) and shares its OpenMP thread pool
     from . import _kernels as _native
 except ImportError:  # built without a C compiler or without AVX-512: PyTorch fallback below
     _native = None
@@ -31,17 +33,26 @@ except ImportError:  # built without a C compiler or without AVX-512: PyTorch fa
 HAVE_NATIVE = _native is not None
 MAX_GEMV_ROWS = 8  # activation rows the GEMV kernel takes in one pass (batched decode); more is prefill
 
-_DT = {torch.float32: 0, torch.bfloat16: 1}  # dtype codes of _kernels (DT_F32, DT_BF16)
+_DT = {torch.float32: 0, torch.bfloat16: 1}  # the dtype codes of _kernels.c (DT_F32, DT_BF16)
 
 
 def _ceil128(k: int) -> int:
     return (k + 127) // 128 * 128
 
 
+def _check(tensor: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """The kernels read raw memory: refuse anything but the exact dtype, shape and a contiguous layout."""
+    if tensor.dtype != dtype or tuple(tensor.shape) != shape or not tensor.is_contiguous():
+        raise InputError(f"{name} must be a contiguous {dtype} tensor of shape {list(shape)}, got "
+                         f"{tensor.dtype} {list(tensor.shape)}{'' if tensor.is_contiguous() else ' (not contiguous)'}")
+
+
 def _linear(x: torch.Tensor, n: int, k: int, native_args, dequant, bias, out_dtype) -> torch.Tensor:
     """Shared driver of the linear_* functions. `native_args` = (fmt, w, scale, code) for the GEMV kernel, or None
     when the weight's shape does not suit it; `dequant(dtype)` returns W [N, K] in `dtype`."""
     out_dtype = out_dtype or x.dtype
+    if x.shape[-1] != k:
+        raise InputError(f"the input's last dimension is {x.shape[-1]}, but the layer takes {k} features")
     x2 = x.reshape(-1, k)
     small = x2.shape[0] <= MAX_GEMV_ROWS
     if (
@@ -50,8 +61,8 @@ def _linear(x: torch.Tensor, n: int, k: int, native_args, dequant, bias, out_dty
         and native_args is not None
         and x2.dtype in _DT
         and out_dtype in _DT
-        and not (x2.requires_grad and torch.is_grad_enabled())
-    ):
+        and not (torch.is_grad_enabled() and (x2.requires_grad or (bias is not None and bias.requires_grad)))
+    ):  # the kernel has no backward: anything that needs gradients takes the PyTorch path
         fmt, w, scale, code = native_args
         x2 = x2.contiguous()
         y = torch.empty(x2.shape[0], n, dtype=out_dtype)
@@ -78,6 +89,8 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`x @ weight.T + bias` for a bf16 weight [N, K] (K a multiple of 32 for the native path). The output has x's
     dtype unless `out_dtype` says otherwise (e.g. fp32 logits from a bf16 head)."""
+    if weight.dtype != torch.bfloat16 or weight.dim() != 2:
+        raise InputError(f"linear_bf16 takes a 2-D bfloat16 weight, got {weight.dtype} {list(weight.shape)}")
     n, k = weight.shape
     native = (_native.FMT_BF16, weight, None, None) if HAVE_NATIVE and k % 32 == 0 and weight.is_contiguous() else None
     return _linear(x, n, k, native, weight.to, bias, out_dtype)
@@ -102,6 +115,8 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scb: torch.Tensor, bias:
     """`x @ W.T + bias` with W = qweight [N, K] int8 * SCB [N] fp32 / 127 (bitsandbytes' Linear8bitLt format). The
     kernel scales each row's int8 dot product once instead of each weight."""
     n, k = qweight.shape
+    _check(qweight, "qweight", torch.int8, (n, k))
+    _check(scb, "SCB", torch.float32, (n,))
     native = (_native.FMT_INT8, qweight, scb, None) if HAVE_NATIVE and k % 32 == 0 else None
     return _linear(x, n, k, native, lambda dt: dequantize_int8(qweight, scb, dt), bias, out_dtype)
 
@@ -116,6 +131,20 @@ def pack_4bit(indices: torch.Tensor) -> torch.Tensor:
     idx = F.pad(indices.to(torch.uint8), (0, kp - k))
     lane_nibble = idx.view(n, kp // 128, 8, 16).transpose(2, 3)  # [n, line, lane j, nibble t]
     return (lane_nibble[..., 0::2] | (lane_nibble[..., 1::2] << 4)).reshape(n, kp // 2).contiguous()
+
+
+def quantize_4bit_native(flat: torch.Tensor, nf4: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """bitsandbytes' blockwise 4-bit quantization of a flat fp32/bf16 tensor by the native module: (code indices uint8
+    [n], absmax fp32 [n/64]), bit-exact with neoxja.quantization's PyTorch definition and several times faster. None
+    when the native module is missing or the input does not suit it (n not a multiple of 64, another dtype)."""
+    n = flat.numel()
+    if not HAVE_NATIVE or n % 64 or flat.dtype not in _DT:
+        return None
+    flat = flat.contiguous()
+    indices, absmax = torch.empty(n, dtype=torch.uint8), torch.empty(n // 64)
+    _native.quantize_4bit(indices.data_ptr(), absmax.data_ptr(), flat.data_ptr(), _DT[flat.dtype], n, nf4,
+                          torch.get_num_threads())
+    return indices, absmax
 
 
 def unpack_4bit(packed: torch.Tensor, k: int) -> torch.Tensor:
@@ -147,6 +176,12 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
 def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, in_features: int,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`x @ W.T + bias` with W in the 4-bit runtime layout (`pack_4bit`, `pad_absmax`; `code`: 16 fp32 values)."""
+    n, kp = packed.shape[0], _ceil128(in_features)
+    if in_features % 64:
+        raise InputError(f"4-bit layers need in_features divisible by 64, got {in_features}")
+    _check(packed, "packed", torch.uint8, (n, kp // 2))
+    _check(absmax, "absmax", torch.float32, (n, kp // 64))
+    _check(code, "code", torch.float32, (16,))
     native = (_native.FMT_4BIT, packed, absmax, code) if HAVE_NATIVE else None
-    return _linear(x, packed.shape[0], in_features, native,
+    return _linear(x, n, in_features, native,
                    lambda dt: dequantize_4bit(packed, absmax, code, in_features, dt), bias, out_dtype)

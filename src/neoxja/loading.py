@@ -30,7 +30,7 @@ BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 HUB_ARGS = ("revision", "local_files_only", "token", "cache_dir")
 # Buffers that older checkpoints saved and that carry nothing the model needs.
-LEGACY_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
+LEGACY_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq", ".weight_format")
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -338,7 +338,7 @@ def fill_weights(model: PreTrainedModel, weights: WeightSource, dtype: torch.dty
         source_key = mapping[key]
         tensor = weights.get(source_key)
         expected = wanted[key]
-        if tuple(tensor.shape) != tuple(expected.shape):
+        if key not in as_stored and tuple(tensor.shape) != tuple(expected.shape):  # quantized layers check their own
             raise CheckpointError(f"checkpoint {name}: {source_key} has shape {list(tensor.shape)}, but the config "
                                   f"implies {list(expected.shape)} (config.json and weights disagree)")
         target = expected.dtype if key in as_stored else dtype

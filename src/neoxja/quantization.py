@@ -126,7 +126,11 @@ def _code_indices(s: Tensor, quant_type: str) -> Tensor:
 def _quantize_4bit_indices(weight: Tensor, quant_type: str) -> tuple[Tensor, Tensor]:
     """weight (any float dtype, any shape) -> (code indices uint8, flattened row-major; absmax fp32 per 64)."""
     _check_quant_type(quant_type)
-    absmax, s = _blocks(weight.detach().reshape(-1).float(), BLOCKSIZE)
+    flat = weight.detach().reshape(-1)
+    native = kernels.quantize_4bit_native(flat, quant_type == "nf4")
+    if native is not None:
+        return native
+    absmax, s = _blocks(flat.float(), BLOCKSIZE)
     return _code_indices(s, quant_type), absmax
 
 
@@ -318,8 +322,9 @@ class Int8Linear(_QuantizedLinear):
 
     def _load_checkpoint_tensors(self, tensors: dict[str, Tensor], where: str) -> None:
         n, k = self.out_features, self.in_features
-        self.weight = self._take(tensors, "weight", where, torch.int8, n * k).reshape(n, k).clone()
-        self.SCB = self._take(tensors, "SCB", where, torch.float32, n).clone()
+        # Views of the checkpoint's (memory-mapped) tensors: the kernels only read them.
+        self.weight = self._take(tensors, "weight", where, torch.int8, n * k).reshape(n, k)
+        self.SCB = self._take(tensors, "SCB", where, torch.float32, n).contiguous()
         self._no_leftovers(tensors, where)
 
 
