@@ -21,3 +21,8 @@ DEST=src/neoxja/data/demo-model
 mkdir -p "$DEST"
 cp "$RUN"/{config.json,model.safetensors,vocab.txt,emoji.json,special_tokens_map.json,tokenizer_config.json} "$DEST"/
 cp "$RUN/loss.png" demo/loss.png
+# Sampling defaults for `neoxja generate` / pipeline(): a 10M-parameter model loops under greedy decoding.
+python -c "from neoxja import GenerationConfig; GenerationConfig(do_sample=True, temperature=0.8, top_p=0.95,
+    top_k=50, repetition_penalty=1.1, max_new_tokens=100, bos_token_id=31996, eos_token_id=31999,
+    ).save_pretrained('$DEST')"
+chmod 644 "$DEST"/*
