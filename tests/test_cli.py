@@ -40,7 +40,7 @@ def run_main(monkeypatch, capsys, args: list[str], stdin: str = "") -> tuple[int
 
 
 def continuation(checkpoint: Path, prompt: str, **kwargs) -> str:
-    pipe = importlib.import_module("neoxja.pipeline").pipeline("text-generation", model=checkpoint)
+    pipe = importlib.import_module("neoxja.pipelines").pipeline("text-generation", model=checkpoint)
     [result] = pipe(prompt, add_special_tokens=False, return_full_text=False, do_sample=False, **kwargs)
     return result["generated_text"]
 
@@ -102,8 +102,6 @@ def test_progress_bar_on_a_terminal(monkeypatch, capsys, abeja_checkpoint):  # n
 
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
 def test_quantize(monkeypatch, capsys, abeja_checkpoint, kind):  # noqa: F811
-    if importlib.util.find_spec("neoxja.quantization") is None:
-        pytest.xfail("neoxja.quantization is not built yet")
     args = ["generate", PROMPT, "-m", str(abeja_checkpoint), "--quantize", kind, "--greedy", "--max-new-tokens", "2"]
     code, out, err = run_main(monkeypatch, capsys, args)
     assert code == 0, err
@@ -119,7 +117,7 @@ def test_chat_piped(rinna_model_checkpoint):  # noqa: F811
 
 
 def test_chat_keeps_history_until_reset(monkeypatch, capsys, rinna_model_checkpoint):  # noqa: F811
-    pipeline_module = importlib.import_module("neoxja.pipeline")
+    pipeline_module = importlib.import_module("neoxja.pipelines")
     conversations = []
     encode = pipeline_module.chat_input_ids
 
@@ -159,9 +157,6 @@ def test_stream_reply_stops_at_the_next_user_turn(monkeypatch):
 
 
 def test_default_model(monkeypatch, capsys):
-    demo = importlib.import_module("neoxja.pipeline").DEMO_MODEL_DIR
-    if not demo.is_dir():
-        pytest.skip(f"the demo model (issue 8) is not installed in {demo} yet")
     code, out, err = run_main(monkeypatch, capsys, ["generate", "こんにちは", "--max-new-tokens", "3"])
     assert code == 0, err
 

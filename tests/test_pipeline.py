@@ -1,4 +1,4 @@
-"""neoxja.pipeline: token-for-token parity with transformers' text-generation pipeline (its defaults, seeded
+"""neoxja.pipelines: token-for-token parity with transformers' text-generation pipeline (its defaults, seeded
 sampling, batching with left padding, output shapes), devices, chats, the default model, and clear errors."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from abeja_fixtures import abeja_checkpoint, rinna_model_checkpoint  # noqa: F40
 from neoxja import pipeline as neoxja_pipeline
 from neoxja.chat import build_prompt
 from neoxja.errors import CheckpointError, ConfigError, InputError
-from neoxja.pipeline import generation_kwargs
+from neoxja.pipelines import generation_kwargs
 
 PROMPT = "人とAIが協調するためには、"
 LONG_PROMPT = PROMPT * 20  # 200 tokens: more than the tiny checkpoints' 128-token context
@@ -98,24 +98,20 @@ def test_chat_input(rinna_model_checkpoint):  # noqa: F811
     assert second["generated_text"][-1]["content"].startswith("東京")  # a final assistant turn is continued
 
 
-def test_module_and_function_share_the_name(abeja_checkpoint):  # noqa: F811
-    module = importlib.import_module("neoxja.pipeline")
+def test_pipeline_name_stays_the_function_after_importing_the_module(abeja_checkpoint):  # noqa: F811
+    module = importlib.import_module("neoxja.pipelines")
 
-    for entry in (module, neoxja.pipeline, neoxja_pipeline):
-        assert entry("text-generation", model=abeja_checkpoint).task == "text-generation"
+    assert neoxja.pipeline is module.pipeline is neoxja_pipeline
+    assert neoxja.pipeline("text-generation", model=abeja_checkpoint).task == "text-generation"
 
 
 def test_default_model():
-    from neoxja.pipeline import DEMO_MODEL_DIR
-
-    if not DEMO_MODEL_DIR.is_dir():
-        pytest.skip(f"the demo model (issue 8) is not installed in {DEMO_MODEL_DIR} yet")
     [result] = neoxja.pipeline("text-generation")("こんにちは", max_new_tokens=3)
     assert result["generated_text"].startswith("こんにちは")
 
 
 def test_default_model_missing(monkeypatch, tmp_path):
-    module = importlib.import_module("neoxja.pipeline")
+    module = importlib.import_module("neoxja.pipelines")
     monkeypatch.setattr(module, "DEMO_MODEL_DIR", tmp_path / "absent")
     with pytest.raises(CheckpointError, match="no default model installed.*--model/model="):
         module.default_model_path()

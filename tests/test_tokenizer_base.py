@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neoxja.errors import CheckpointError, InputError
-from neoxja.tokenization.base import BatchEncoding, Tokenizer, atomic_write
+from neoxja.files import write_atomic
+from neoxja.tokenization.base import BatchEncoding, Tokenizer
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<sep>", "<s>x"]
 
@@ -53,7 +54,7 @@ class CharTokenizer(Tokenizer):
         return dict(self.ids)
 
     def save_vocabulary(self, directory):
-        return (atomic_write(os.path.join(directory, "chars.txt"), "\n".join(self.tokens)),)
+        return (str(write_atomic(os.path.join(directory, "chars.txt"), "\n".join(self.tokens))),)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ _EXPORTS = {
     "GenerationConfig": "generation",
     "TextStreamer": "generation",
     "TextIteratorStreamer": "generation",
-    "pipeline": "pipeline",
+    "pipeline": "pipelines",
     "AttentionMaskVisualizer": "visualization",
     "NeoxjaError": "errors",
     "CheckpointError": "errors",

@@ -1,6 +1,6 @@
 """The `neoxja run`, `neoxja generate` and `neoxja chat` commands (routed here by neoxja.cli).
 
-All three load a model through the text-generation pipeline (neoxja.pipeline: the same defaults, the same device
+All three load a model through the text-generation pipeline (neoxja.pipelines: the same defaults, the same device
 fallback, a progress bar while the model downloads or loads) and share the model and generation flags.
 - run: the documentation's `transformers run` (4.x semantics). Every input line, its "\\n" included, is one
   prompt; the results are printed at the end as one JSON list, `[{"generated_text": ...}, ...]` (the reference
@@ -106,7 +106,7 @@ def _warnings_as_lines(name: str) -> Iterator[None]:
 
 
 def _load_pipeline(args: argparse.Namespace, decoding: dict[str, Any]) -> Any:
-    from .pipeline import pipeline
+    from .pipelines import pipeline
 
     if args.quiet:
         from huggingface_hub.utils import disable_progress_bars
@@ -210,7 +210,7 @@ def _chat(pipe: Any) -> int:
 def stream_reply(pipe: Any, messages: list[dict[str, str]], decoding: dict[str, Any], out: TextIO) -> str:
     """Generate the assistant's reply to `messages`, writing it to `out` as it comes; returns the reply text."""
     from .generation import stream_generate
-    from .pipeline import chat_input_ids
+    from .pipelines import chat_input_ids
 
     ids = torch.tensor([chat_input_ids(pipe.tokenizer, messages)], device=pipe.device)
     text = shown = ""

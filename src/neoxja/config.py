@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .errors import CheckpointError, ConfigError
-from .hub import resolve_file
+from .files import write_atomic
+from .hub import pop_hub_args, resolve_file
 
 CONFIG_NAME = "config.json"
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh")
@@ -201,7 +202,7 @@ class NeoXConfig:
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
-        return write_text_atomic(path / CONFIG_NAME, self.to_json_string())
+        return write_atomic(path / CONFIG_NAME, self.to_json_string())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> "NeoXConfig":
@@ -218,7 +219,7 @@ class NeoXConfig:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> "NeoXConfig":
-        hub_args = {k: kwargs.pop(k) for k in _HUB_ARGS if k in kwargs}
+        hub_args = pop_hub_args(kwargs)
         path = resolve_file(name_or_path, CONFIG_NAME, **hub_args)
         return cls.from_dict(read_config_dict(path), **kwargs)
 
@@ -280,7 +281,6 @@ CONFIG_CLASSES: dict[str, type[NeoXConfig]] = {
     GPTNeoXJapaneseConfig.model_type: GPTNeoXJapaneseConfig,
     GPTNeoXConfig.model_type: GPTNeoXConfig,
 }
-_HUB_ARGS = ("revision", "local_files_only", "token", "cache_dir")
 
 
 class AutoConfig:
@@ -292,7 +292,7 @@ class AutoConfig:
 
     @staticmethod
     def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> NeoXConfig:
-        hub_args = {k: kwargs.pop(k) for k in _HUB_ARGS if k in kwargs}
+        hub_args = pop_hub_args(kwargs)
         path = resolve_file(name_or_path, CONFIG_NAME, **hub_args)
         data = read_config_dict(path)
         return config_class_for(data.get("model_type")).from_dict(data, **kwargs)
@@ -318,18 +318,6 @@ def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}")
     return data
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write through a temporary file in the same directory and rename it over `path`, so a crash never
-    leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def _require(ok: bool, name: str, value: Any, expected: str) -> None:

@@ -171,7 +171,7 @@ def cli_main(args: argparse.Namespace, name: str) -> int:
         label, default_ctx = f"unigram({', '.join(args.unigram)})", 2048
     else:
         from .modeling import AutoModelForCausalLM
-        from .pipeline import default_model_path
+        from .pipelines import default_model_path
 
         source = args.model or default_model_path()
         tokenizer_name = args.tokenizer or source

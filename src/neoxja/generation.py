@@ -23,7 +23,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from .config import NeoXConfig, write_text_atomic
+from .config import NeoXConfig
+from .files import write_atomic
 from .errors import CheckpointError, InputError
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -96,7 +97,7 @@ class GenerationConfig:
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-        return write_text_atomic(Path(directory) / GENERATION_CONFIG_NAME, text)
+        return write_atomic(Path(directory) / GENERATION_CONFIG_NAME, text)
 
     def updated(self, **kwargs: Any) -> "GenerationConfig":
         """A copy with `kwargs` applied; unknown names are an error that lists them."""
@@ -194,6 +195,7 @@ def generate(model: Any, input_ids: Tensor | None = None, attention_mask: Tensor
 
     cache = KVCache(model.config.num_hidden_layers, capacity=max_length) if config.use_cache else None
     step_ids, step_positions = sequences, positions
+    eos_tensor = torch.tensor(eos_ids, device=device)
     all_scores: list[Tensor] = []
     while sequences.shape[1] < max_length:
         if cache is None:  # recompute everything each step (use_cache=False)
@@ -215,7 +217,7 @@ def generate(model: Any, input_ids: Tensor | None = None, attention_mask: Tensor
         if streamer is not None:
             streamer.put(next_tokens.cpu())
         if eos_ids:
-            unfinished &= ~torch.isin(next_tokens, torch.tensor(eos_ids, device=device))
+            unfinished &= ~torch.isin(next_tokens, eos_tensor)
         if stop is not None:
             unfinished &= ~stop.hit(sequences)
         if not bool(unfinished.any()):

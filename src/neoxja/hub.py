@@ -8,6 +8,14 @@ from pathlib import Path
 from .errors import CheckpointError
 
 
+HUB_ARGS = ("revision", "local_files_only", "token", "cache_dir")
+
+
+def pop_hub_args(kwargs: dict) -> dict:
+    """Take the hub-download arguments (revision, local_files_only, token, cache_dir) out of `kwargs`."""
+    return {key: kwargs.pop(key) for key in HUB_ARGS if key in kwargs}
+
+
 def is_local(name_or_path: str | os.PathLike) -> bool:
     return Path(name_or_path).is_dir()
 

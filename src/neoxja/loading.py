@@ -19,16 +19,16 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from .config import AutoConfig, NeoXConfig, config_class_for, write_text_atomic
+from .config import AutoConfig, NeoXConfig, config_class_for
 from .errors import CheckpointError, ConfigError, InputError
-from .hub import resolve_file
-from .modeling import CAUSAL_LM_CLASSES, MODEL_CLASSES, NeoXForCausalLM, NeoXModel, PreTrainedModel
+from .files import atomic_path, write_atomic
+from .hub import pop_hub_args, resolve_file
+from .modeling import CAUSAL_LM_CLASSES, MODEL_CLASSES, NeoXForCausalLM, PreTrainedModel
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
-HUB_ARGS = ("revision", "local_files_only", "token", "cache_dir")
 # Buffers that older checkpoints saved and that carry nothing the model needs.
 LEGACY_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq", ".weight_format")
 DTYPES = {
@@ -203,7 +203,7 @@ def load_pretrained(cls: type, name_or_path: Any, *model_args: Any, config: NeoX
     if model_args:
         raise InputError(f"from_pretrained takes the checkpoint and keyword arguments only, got extra "
                          f"positional arguments {model_args!r}")
-    hub_args = {k: kwargs.pop(k) for k in HUB_ARGS if k in kwargs}
+    hub_args = pop_hub_args(kwargs)
     if isinstance(name_or_path, (str, os.PathLike)) and not str(name_or_path).strip():
         raise CheckpointError("the checkpoint name is empty: pass a directory or a hub id")
     if config is None:
@@ -427,7 +427,7 @@ def save_pretrained(model: PreTrainedModel, save_directory: Any, max_shard_size:
             weight_map.update({key: filename for key in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        write_text_atomic(directory / SAFE_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_atomic(directory / SAFE_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
         (directory / SAFE_WEIGHTS).unlink(missing_ok=True)
     config = model.config
     saved = type(config).from_dict(config.to_dict())
@@ -462,12 +462,8 @@ def _split_shards(tensors: dict[str, Tensor], limit: int) -> Iterator[dict[str, 
 def _write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _parse_size(size: int | str) -> int:

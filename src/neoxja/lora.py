@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import write_text_atomic
+from .files import atomic_path, write_atomic
 from .errors import CheckpointError, ConfigError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -107,13 +107,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str
                for name, module in modules.items() for part in ("lora_A", "lora_B")}
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".{ADAPTER_WEIGHTS}.tmp-{os.getpid()}"
-    try:
+    with atomic_path(path / ADAPTER_WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path / ADAPTER_WEIGHTS)
-    finally:
-        tmp.unlink(missing_ok=True)
-    write_text_atomic(path / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_atomic(path / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:

@@ -216,12 +216,13 @@ class RotaryEmbedding:
         self.max_seq_len_cached = config.max_position_embeddings
         self.table: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
-    def __call__(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def __call__(self, position_ids: Tensor, end: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos/sin for `position_ids`, whose largest value is end - 1."""
         if self.kind in ("dynamic", "longrope"):
-            self._update_frequencies(int(position_ids.max()) + 1)
+            self._update_frequencies(end)
             cos, sin = self._cos_sin(position_ids.float(), self.inv_freq.to(position_ids.device))
         else:
-            cos_table, sin_table = self._table(position_ids.device, int(position_ids.max()) + 1)
+            cos_table, sin_table = self._table(position_ids.device, end)
             cos, sin = cos_table[position_ids], sin_table[position_ids]
         return cos.to(dtype), sin.to(dtype)
 
@@ -451,9 +452,9 @@ class NeoXModel(PreTrainedModel):
         batch, length = x.shape[:2]
         cache = self._cache(past_key_values, use_cache)
         past = cache.get_seq_length() if cache is not None else 0
-        positions = self._positions(position_ids, cache_position, batch, length, past, x.device)
+        positions, end = self._positions(position_ids, cache_position, batch, length, past, x.device)
         mask = self._mask(attention_mask, batch, length, past, x.dtype, x.device)
-        cos, sin = self.rotary(positions, x.dtype)
+        cos, sin = self.rotary(positions, end, x.dtype)
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         heads = _expand_head_mask(head_mask, config.num_hidden_layers)
 
@@ -503,7 +504,8 @@ class NeoXModel(PreTrainedModel):
                          f"got {type(past_key_values).__name__}")
 
     def _positions(self, position_ids: Tensor | None, cache_position: Tensor | None, batch: int, length: int,
-                   past: int, device: torch.device) -> Tensor:
+                   past: int, device: torch.device) -> tuple[Tensor, int]:
+        """The positions [batch, length] and one past the largest of them."""
         if position_ids is None:
             if cache_position is not None:
                 position_ids = cache_position.view(1, -1)
@@ -517,7 +519,7 @@ class NeoXModel(PreTrainedModel):
         if end > self.config.max_position_embeddings and self.config.rope_parameters["rope_type"] == "default":
             raise InputError(f"the sequence reaches position {end}, beyond the model's context window of "
                              f"max_position_embeddings={self.config.max_position_embeddings} tokens")
-        return position_ids.expand(batch, length)
+        return position_ids.expand(batch, length), end
 
     def _mask(self, attention_mask: Tensor | None, batch: int, length: int, past: int, dtype: torch.dtype,
               device: torch.device) -> Tensor | None:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .errors import CheckpointError, ConfigError, InputError
+from .files import atomic_path
 from .lora import DEFAULT_TARGETS
 
 STATE_FILE = "trainer_state.pt"
@@ -243,15 +244,11 @@ def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, to
         "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "history": history,
     }
     path = Path(cfg.output) / STATE_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     plot_losses(history, Path(cfg.output) / PLOT_FILE)
 
 
@@ -291,10 +288,9 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

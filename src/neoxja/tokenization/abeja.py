@@ -23,7 +23,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import CheckpointError, InputError
-from .base import Tokenizer, atomic_write
+from ..files import write_atomic
+from .base import Tokenizer
 
 try:
     from . import _abeja_native
@@ -366,8 +367,8 @@ class GPTNeoXJapaneseTokenizer(Tokenizer):
     def save_vocabulary(self, directory: str | os.PathLike) -> tuple[str, ...]:
         vocab = "".join(",".join(s) + "\n" for s in self.spellings)
         return (
-            atomic_write(os.path.join(directory, self.vocab_files["vocab_file"]), vocab),
-            atomic_write(os.path.join(directory, self.vocab_files["emoji_file"]), json.dumps(self.emoji)),
+            str(write_atomic(os.path.join(directory, self.vocab_files["vocab_file"]), vocab)),
+            str(write_atomic(os.path.join(directory, self.vocab_files["emoji_file"]), json.dumps(self.emoji))),
         )
 
     # ----------------------------------------------------------------------------------------------------

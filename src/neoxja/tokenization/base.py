@@ -11,13 +11,13 @@ import json
 import operator
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .. import hub
 from ..errors import CheckpointError, InputError
+from ..files import write_atomic
 
 # transformers' VERY_LARGE_INTEGER: "no limit" for model_max_length.
 VERY_LARGE_INTEGER = int(1e30)
@@ -51,22 +51,6 @@ def read_json(path: Path | None) -> dict:
     if not isinstance(value, dict):
         raise CheckpointError(f"{path} must hold a JSON object, found {type(value).__name__}")
     return value
-
-
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> str:
-    """Write a whole file so that readers never see it half-written: a temp file, then os.replace."""
-    path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _token_content(value: Any) -> str | None:
@@ -626,8 +610,8 @@ class Tokenizer:
             **self.init_kwargs(),
         }
         written = [
-            atomic_write(os.path.join(directory, "tokenizer_config.json"), _dump(config)),
-            atomic_write(os.path.join(directory, "special_tokens_map.json"), _dump(self.special_tokens_map)),
+            str(write_atomic(os.path.join(directory, "tokenizer_config.json"), _dump(config))),
+            str(write_atomic(os.path.join(directory, "special_tokens_map.json"), _dump(self.special_tokens_map))),
         ]
         return tuple(written) + tuple(self.save_vocabulary(directory))
 

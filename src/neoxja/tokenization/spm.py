@@ -23,7 +23,8 @@ import sentencepiece
 
 from ..chat import build_prompt
 from ..errors import CheckpointError
-from .base import BatchEncoding, Tokenizer, atomic_write
+from ..files import write_atomic
+from .base import BatchEncoding, Tokenizer
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -120,7 +121,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def save_vocabulary(self, directory: str | os.PathLike) -> tuple[str, ...]:
         path = os.path.join(directory, self.vocab_files["vocab_file"])
-        return (atomic_write(path, self.sp.serialized_model_proto()),)
+        return (str(write_atomic(path, self.sp.serialized_model_proto())),)
 
     # ----------------------------------------------------------------------------------------------------
     # Chat

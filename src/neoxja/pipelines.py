@@ -14,8 +14,6 @@ documentation's examples run anywhere. The CLI (neoxja.commands) builds on the s
 from __future__ import annotations
 
 import os
-import sys
-import types
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -258,15 +256,3 @@ def pipeline(task: str | None = None, model: str | os.PathLike | Any | None = No
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer, **hub_args)
     return TextGenerationPipeline(model, tokenizer, batch_size=batch_size, **kwargs)
-
-
-class _CallableModule(types.ModuleType):
-    """`neoxja.pipeline` names both this module and the function. Importing the module directly (`from
-    neoxja.pipeline import ...`) makes the module the package's attribute, so calling the module calls the
-    function: `neoxja.pipeline(...)` works whichever was imported first."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> TextGenerationPipeline:
-        return pipeline(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
