@@ -11,6 +11,7 @@ from conftest import japanese_reference, neox_reference
 from safetensors.torch import load_file, save_file
 
 import neoxja
+import neoxja.files
 from neoxja.errors import CheckpointError, ConfigError
 
 IDS = torch.tensor([[3, 17, 42, 99, 5, 64]])
@@ -67,6 +68,7 @@ def test_save_and_reload_round_trip_and_reference_reads_ours(tmp_path, neox_chec
         out = tmp_path / checkpoint.name
         model.save_pretrained(out)
         assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporaries
+        assert {f.stat().st_mode & 0o777 for f in out.iterdir()} == {neoxja.files.FILE_MODE}  # not 0600
         again = neoxja.AutoModelForCausalLM.from_pretrained(out)
         assert torch.equal(logits(again), logits(model))
         saved = json.loads((out / "config.json").read_text())
