@@ -341,8 +341,8 @@ def test_checkpoint_round_trip(name: str, tmp_path: Path):
     model = TinyModel()
     quantize_model(model, config, default_skip_modules(model))
     assert isinstance(model.embed_out, nn.Linear)  # the head stays in float
-    assert isinstance(model.odd, Int8Linear if config.load_in_8bit else nn.Linear)
     quantized = (Int8Linear if config.load_in_8bit else Linear4bit)
+    assert isinstance(model.odd, quantized)  # in_features 100: 4-bit blocks straddle rows, as in bitsandbytes
     assert all(isinstance(layer[key], quantized) for layer in model.layers for key in ("up", "down"))
 
     state = model.state_dict()
@@ -385,6 +385,24 @@ def test_4bit_checkpoint_layout_is_bitsandbytes():
     int8_state = Int8Linear.from_linear(_linear(8, 64)).state_dict()
     assert {k: v.dtype for k, v in int8_state.items()} == {"weight": torch.int8, "SCB": torch.float32,
                                                           "bias": torch.float32}
+
+
+@pytest.mark.parametrize("in_features", [100, 224])  # not multiples of 64: the flat layout (the demo model's 224)
+def test_4bit_layer_with_blocks_straddling_rows(in_features: int):
+    linear = _linear(24, in_features, bias=True)
+    layer = Linear4bit.from_linear(linear, "nf4", compress_statistics=True)
+    assert not layer.row_blocks
+    packed, absmax = quantize_4bit(linear.weight, "nf4")
+    assert torch.equal(layer.state_dict()["weight"], packed)
+    expected = dequantize_4bit(packed, double_dequantize(*double_quantize(absmax)), (24, in_features), "nf4")
+    assert torch.equal(layer.dequantize(), expected)
+    x = torch.randn(3, in_features).bfloat16()
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), (x.float() @ expected.T + linear.bias).bfloat16().float(), rtol=1e-2, atol=1e-2)
+    fresh = Linear4bit(in_features, 24, True, "nf4", compress_statistics=True)
+    fresh.load_state_dict(layer.state_dict(), assign=True)
+    assert torch.equal(fresh(x), y)
 
 
 def test_bad_checkpoints_raise():

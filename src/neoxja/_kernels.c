@@ -19,6 +19,7 @@ split over output rows with OpenMP; torch ships libgomp under the same soname, s
 one OpenMP runtime and one thread pool. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -448,11 +449,128 @@ static PyObject *py_quantize_4bit(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* ---- decode attention: one new query per sequence against its cached keys and values ---- */
+
+/* up to 16 fp32 or bf16 values (mask `m` selects lanes; the rest read as 0) as fp32 */
+INLINE __m512 load16_masked(const void *src, int64_t off, int dt, __mmask16 m)
+{
+    if (dt == DT_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)src + off)), 16));
+    return _mm512_maskz_loadu_ps(m, (const float *)src + off);
+}
+
+INLINE void store16_masked(void *out, int64_t off, int dt, __m512 v, __mmask16 m)
+{
+    if (dt == DT_BF16)
+        _mm256_mask_storeu_epi16((uint16_t *)out + off, m, f32x16_to_bf16(v));
+    else
+        _mm512_mask_storeu_ps((float *)out + off, m, v);
+}
+
+/* e^x for x <= 0 (softmax after subtracting the maximum): e^x = 2^n e^r with |r| <= ln2/2, e^r by its Taylor
+   polynomial to degree 7 (relative error < 1e-7); below -87.3 the result is 0, as fp32 expf underflows. */
+INLINE __m512 exp_nonpositive(__m512 x)
+{
+    __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_scalef_ps(live, p, n);
+}
+
+enum { MAX_HEAD_CHUNKS = 16 }; /* head_dim <= 256 */
+
+/* softmax(q . k_t * scale + mask_t) weighted sum of v_t for one (sequence, head); `s` is scratch for T scores */
+static void attend_one(const void *q, const void *k, const void *v, int qdt, int kdt, int64_t T, int64_t D,
+                       int64_t st, float scale, const float *mask, void *out, int odt, float *s)
+{
+    int chunks = (int)((D + 15) / 16);
+    __mmask16 tail = (__mmask16)((1u << (D - 16 * (chunks - 1))) - 1u);
+    __m512 qv[MAX_HEAD_CHUNKS], acc[MAX_HEAD_CHUNKS];
+    for (int c = 0; c < chunks; c++) {
+        qv[c] = load16_masked(q, 16 * c, qdt, c == chunks - 1 ? tail : 0xffff);
+        acc[c] = _mm512_setzero_ps();
+    }
+    float top = -INFINITY;
+    for (int64_t t = 0; t < T; t++) {
+        __m512 dot = _mm512_setzero_ps();
+        for (int c = 0; c < chunks; c++)
+            dot = _mm512_fmadd_ps(qv[c], load16_masked(k, t * st + 16 * c, kdt, c == chunks - 1 ? tail : 0xffff), dot);
+        s[t] = _mm512_reduce_add_ps(dot) * scale + (mask ? mask[t] : 0.0f);
+        if (s[t] > top) top = s[t];
+    }
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t t = 0; t < T; t += 16) {
+        __mmask16 m = T - t >= 16 ? 0xffff : (__mmask16)((1u << (T - t)) - 1u);
+        __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t),
+                                                                         _mm512_set1_ps(top))));
+        _mm512_mask_storeu_ps(s + t, m, e);
+        total = _mm512_add_ps(total, e);
+    }
+    for (int64_t t = 0; t < T; t++) {
+        __m512 p = _mm512_set1_ps(s[t]);
+        for (int c = 0; c < chunks; c++)
+            acc[c] = _mm512_fmadd_ps(p, load16_masked(v, t * st + 16 * c, kdt, c == chunks - 1 ? tail : 0xffff), acc[c]);
+    }
+    __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+    for (int c = 0; c < chunks; c++)
+        store16_masked(out, 16 * c, odt, _mm512_mul_ps(acc[c], inv), c == chunks - 1 ? tail : 0xffff);
+}
+
+static PyObject *py_attend(PyObject *self, PyObject *args)
+{
+    unsigned long long q, k, v, mask, out;
+    int qdt, kdt, odt, nthreads;
+    Py_ssize_t B, H, T, D, sb, sh, st;
+    float scale;
+    if (!PyArg_ParseTuple(args, "KiKKinnnnnnnfKKii", &q, &qdt, &k, &v, &kdt, &B, &H, &T, &D, &sb, &sh, &st, &scale,
+                          &mask, &out, &odt, &nthreads))
+        return NULL;
+    if (B < 1 || H < 1 || T < 1 || D < 1 || D > 16 * MAX_HEAD_CHUNKS) {
+        PyErr_Format(PyExc_ValueError, "attend: unsupported shape B=%zd H=%zd T=%zd D=%zd", B, H, T, D);
+        return NULL;
+    }
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *s = malloc((size_t)T * sizeof(float));
+        if (!s) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            if (!s) continue;
+            int64_t b = bh / H, h = bh % H, qo = bh * D, ko = b * sb + h * sh;
+            size_t qsz = qdt == DT_BF16 ? 2 : 4, ksz = kdt == DT_BF16 ? 2 : 4, osz = odt == DT_BF16 ? 2 : 4;
+            attend_one((const char *)q + qo * qsz, (const char *)k + ko * ksz, (const char *)v + ko * ksz, qdt, kdt,
+                       T, D, st, scale, mask ? (const float *)mask + b * T : NULL, (char *)out + qo * osz, odt, s);
+        }
+        free(s);
+    }
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"gemv", py_gemv, METH_VARARGS,
      "gemv(fmt, y, ydt, x, xdt, w, scale, code, bias, bdt, M, N, K, nthreads): y[M,N] = x[M,K] @ W[N,K]^T (+ bias)"},
     {"dequantize", py_dequantize, METH_VARARGS,
      "dequantize(fmt, out, odt, w, scale, code, N, K, nthreads): out[N,K] = decoded weights"},
+    {"attend", py_attend, METH_VARARGS,
+     "attend(q, qdt, k, v, kdt, B, H, T, D, sb, sh, st, scale, mask, out, odt, nthreads): one-query attention over "
+     "a KV cache; q/out [B,H,D], k/v strided (sb, sh, st), mask fp32 [B,T] additive or 0"},
     {"quantize_4bit", py_quantize_4bit, METH_VARARGS,
      "quantize_4bit(idx, absmax, w, wdt, n, nf4, nthreads): code indices (uint8 [n]) and absmax (fp32 [n/64])"},
     {NULL, NULL, 0, NULL},

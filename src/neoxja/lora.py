@@ -64,7 +64,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     model.requires_grad_(False)
-    linear = {name: module for name, module in model.named_modules() if type(module) is nn.Linear}
+    wrapped = {id(m) for lora in lora_modules(model).values() for m in lora.modules()}  # never wrap twice
+    linear = {name: module for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and id(module) not in wrapped}
     chosen = [name for name in linear if name.rsplit(".", 1)[-1] in targets]
     if not chosen:
         names = sorted({name.rsplit(".", 1)[-1] for name in linear})

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .config import GPTNeoXConfig, GPTNeoXJapaneseConfig, NeoXConfig
 from .errors import InputError
 
@@ -125,6 +126,33 @@ class KVCache:
             if self.keys[i] is not None:
                 self.keys[i] = self.keys[i].index_select(0, index)  # type: ignore[union-attr]
                 self.values[i] = self.values[i].index_select(0, index)  # type: ignore[union-attr]
+
+    @classmethod
+    def stack(cls, caches: list["KVCache"]) -> "KVCache":
+        """One cache holding the batch rows of `caches`, in order. Shorter caches are padded with zeros on the
+        left, so every row's latest position is the last column; the caller marks the padding with 0 in
+        attention_mask and gives each row its own position_ids (continuous batching joins requests this way)."""
+        num_layers = caches[0].num_layers
+        if any(c.num_layers != num_layers for c in caches):
+            raise InputError("cannot stack caches of models with different numbers of layers")
+        out = cls(num_layers)
+        for layer in range(num_layers):
+            parts = [c[layer] for c in caches]
+            length = max(k.shape[2] for k, _ in parts)
+            out.keys[layer] = torch.cat([F.pad(k, (0, 0, length - k.shape[2], 0)) for k, _ in parts])
+            out.values[layer] = torch.cat([F.pad(v, (0, 0, length - v.shape[2], 0)) for _, v in parts])
+            out.lengths[layer] = length
+        return out
+
+    def crop_left(self, count: int) -> None:
+        """Drop the `count` oldest positions of every layer (say, columns that are padding in every row)."""
+        if not 0 <= count <= min(self.lengths):
+            raise InputError(f"cannot drop {count} positions from a cache holding {min(self.lengths)}")
+        for i in range(self.num_layers):
+            if self.keys[i] is not None:
+                self.keys[i] = self.keys[i][:, :, count:]  # type: ignore[index]
+                self.values[i] = self.values[i][:, :, count:]  # type: ignore[index]
+                self.lengths[i] -= count
 
     def to_legacy_cache(self) -> tuple[tuple[Tensor, Tensor], ...]:
         return tuple(self[i] for i in range(self.num_layers))
@@ -264,6 +292,18 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+class Linear(nn.Linear):
+    """nn.Linear whose inference with bf16 weights runs on neoxja's kernels: decoding is a few rows times every
+    weight, which PyTorch's bf16 matmul reads at about half the memory bandwidth (benchmarks/matmul.py). Training
+    and other dtypes stay on F.linear."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+            return kernels.linear_bf16(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 class Attention(nn.Module):
     def __init__(self, config: NeoXConfig, layer_index: int) -> None:
         super().__init__()
@@ -272,8 +312,8 @@ class Attention(nn.Module):
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.dropout = config.attention_dropout
         hidden = config.hidden_size
-        self.query_key_value = nn.Linear(hidden, 3 * hidden, bias=config.attention_bias)
-        self.dense = nn.Linear(hidden, hidden, bias=config.attention_bias)
+        self.query_key_value = Linear(hidden, 3 * hidden, bias=config.attention_bias)
+        self.dense = Linear(hidden, hidden, bias=config.attention_bias)
         is_last = layer_index == config.num_hidden_layers - 1
         self.dense_bias = nn.Parameter(torch.zeros(hidden)) if config.last_layer_dense_bias and is_last else None
 
@@ -288,6 +328,8 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if output_attentions or head_mask is not None:
             out, probs = self._explicit_attention(q, k, v, mask, dropout, head_mask)
+        elif length == 1 and not dropout:  # decoding: one query per sequence
+            out, probs = kernels.attend(q, k, v, self.scale, mask), None
         else:
             causal = mask is None and length > 1
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
@@ -315,8 +357,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: NeoXConfig) -> None:
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.dense_h_to_4h = Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.dense_4h_to_h = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act = _ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -554,7 +596,7 @@ class NeoXForCausalLM(PreTrainedModel):
     def __init__(self, config: NeoXConfig, init: bool = True) -> None:
         super().__init__(config)
         self.add_module(self.base_model_prefix, self.base_model_class(config, init=False))
-        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.embed_out = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.generation_config: Any = None  # set from generation_config.json at load time
         if init:
             self.init_weights()

@@ -157,11 +157,12 @@ def quantize_4bit(weight: Tensor, quant_type: str = "nf4") -> tuple[Tensor, Tens
 
 
 def dequantize_4bit(packed: Tensor, absmax: Tensor, shape: Iterable[int], quant_type: str = "nf4",
-                    dtype: torch.dtype = torch.float32) -> Tensor:
-    """Inverse of quantize_4bit: code[index] * absmax of its block in fp32, then cast to `dtype`."""
+                    dtype: torch.dtype = torch.float32, code: Tensor | None = None) -> Tensor:
+    """Inverse of quantize_4bit: code[index] * absmax of its block in fp32, then cast to `dtype` (`code`: a stored
+    code book, default the quant_type's)."""
     shape = tuple(shape)
     n = int(torch.Size(shape).numel())
-    values = _code(quant_type)[_unpack_pairs(packed, n).long()]
+    values = (_code(quant_type) if code is None else code.float())[_unpack_pairs(packed, n).long()]
     pad = -n % BLOCKSIZE
     w = torch.nn.functional.pad(values, (0, pad)).view(-1, BLOCKSIZE) * absmax.float()[:, None]
     return w.view(-1)[:n].view(shape).to(dtype)
@@ -331,23 +332,24 @@ class Int8Linear(_QuantizedLinear):
 class Linear4bit(_QuantizedLinear):
     """Weight-only 4-bit linear layer (NF4 or FP4, one absmax per 64 weights, optionally double-quantized absmax).
 
-    Saved and loaded in bitsandbytes' Linear4bit format (reference-spec §7.6); in memory the weights are in the
-    kernels' runtime layout (`kernels.pack_4bit`) with the absmax decoded once to fp32. in_features must be a
-    multiple of 64 (so that blocks never straddle rows)."""
+    Saved and loaded in bitsandbytes' Linear4bit format (reference-spec §7.6). When in_features is a multiple of 64
+    (every layer of the real models), blocks never straddle rows and the weights are kept in the kernels' runtime
+    layout (`kernels.pack_4bit`) with the absmax decoded once to fp32. Otherwise (small models such as the demo
+    model) they stay in bitsandbytes' flat layout and each call dequantizes them: slower, same numbers."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, quant_type: str = "fp4",
                  compress_statistics: bool = False, dtype: torch.dtype = torch.float32) -> None:
         _check_quant_type(quant_type)
-        if in_features % BLOCKSIZE:
-            raise InputError(f"Linear4bit needs in_features divisible by {BLOCKSIZE}, got {in_features}")
         super().__init__(in_features, out_features, bias, dtype)
         self.quant_type, self.compress_statistics, self.weight_dtype = quant_type, compress_statistics, dtype
-        kp = (in_features + 127) // 128 * 128
-        self.register_buffer("qweight", torch.empty(out_features, kp // 2, dtype=torch.uint8, device="meta"),
-                             persistent=False)
-        self.register_buffer("absmax", torch.empty(out_features, kp // 64, device="meta"), persistent=False)
+        self.row_blocks = in_features % BLOCKSIZE == 0
+        n, k, kp = out_features, in_features, (in_features + 127) // 128 * 128
+        nblocks = -(-n * k // BLOCKSIZE)
+        qweight_shape, absmax_shape = ((n, kp // 2), (n, kp // 64)) if self.row_blocks else \
+            (((n * k + 1) // 2, 1), (nblocks,))
+        self.register_buffer("qweight", torch.empty(qweight_shape, dtype=torch.uint8, device="meta"), persistent=False)
+        self.register_buffer("absmax", torch.empty(absmax_shape, device="meta"), persistent=False)
         self.register_buffer("code", code_book(quant_type), persistent=False)
-        nblocks = out_features * in_features // BLOCKSIZE
         # The double-quantized absmax, kept only to save it again unchanged.
         self.nested: tuple[Tensor, Tensor, float] | None = (
             torch.empty(nblocks, dtype=torch.uint8, device="meta"),
@@ -368,17 +370,25 @@ class Linear4bit(_QuantizedLinear):
 
     def _set_runtime(self, indices: Tensor, absmax: Tensor) -> None:
         n, k = self.out_features, self.in_features
-        self.qweight = kernels.pack_4bit(indices.view(n, k))
-        self.absmax = kernels.pad_absmax(absmax, n, k)
+        if self.row_blocks:
+            self.qweight = kernels.pack_4bit(indices.view(n, k))
+            self.absmax = kernels.pad_absmax(absmax, n, k)
+        else:
+            self.qweight, self.absmax = _pack_pairs(indices, self.quant_type), absmax.float().contiguous()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, quant_type={self.quant_type}, double_quant={self.compress_statistics}"
 
     def dequantize(self) -> Tensor:
-        return kernels.dequantize_4bit(self.qweight, self.absmax, self.code, self.in_features)
+        if self.row_blocks:
+            return kernels.dequantize_4bit(self.qweight, self.absmax, self.code, self.in_features)
+        return dequantize_4bit(self.qweight, self.absmax, (self.out_features, self.in_features), code=self.code)
 
     def forward(self, x: Tensor) -> Tensor:
-        return kernels.linear_4bit(x, self.qweight, self.absmax, self.code, self.in_features, self.bias)
+        if self.row_blocks:
+            return kernels.linear_4bit(x, self.qweight, self.absmax, self.code, self.in_features, self.bias)
+        bias = None if self.bias is None else self.bias.float()
+        return torch.nn.functional.linear(x.float(), self.dequantize(), bias).to(x.dtype)
 
     def _checkpoint_keys(self) -> list[str]:
         nested = ["weight.nested_absmax", "weight.nested_quant_map"] if self.nested is not None else []
@@ -392,9 +402,10 @@ class Linear4bit(_QuantizedLinear):
         if self.qweight.is_meta:  # an empty layer: the shapes and dtypes a checkpoint must have
             values = [torch.empty((n * k + 1) // 2, 1, dtype=torch.uint8, device="meta")]
         else:
-            values = [_pack_pairs(kernels.unpack_4bit(self.qweight, k).reshape(-1), self.quant_type)]
+            values = [_pack_pairs(kernels.unpack_4bit(self.qweight, k).reshape(-1), self.quant_type)
+                      if self.row_blocks else self.qweight]
         if self.nested is None:
-            values.append(self.absmax[:, : k // BLOCKSIZE].reshape(-1))
+            values.append(self.absmax[:, : k // BLOCKSIZE].reshape(-1) if self.row_blocks else self.absmax)
         else:
             values.append(self.nested[0])
         values.append(self.code.clone())
@@ -407,7 +418,7 @@ class Linear4bit(_QuantizedLinear):
 
     def _load_checkpoint_tensors(self, tensors: dict[str, Tensor], where: str) -> None:
         n, k = self.out_features, self.in_features
-        nblocks = n * k // BLOCKSIZE
+        nblocks = -(-n * k // BLOCKSIZE)
         info = self._quant_state(tensors, where)
         if "weight" in tensors:  # any quant_storage dtype holds the same bytes
             tensors["weight"] = tensors["weight"].contiguous().view(torch.uint8)
@@ -586,8 +597,7 @@ def _replace_linears(model: nn.Module, config: BitsAndBytesConfig, skip_modules:
                      make) -> None:
     skip = set(skip_modules) | set(config.llm_int8_skip_modules or ())
     targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and not _skipped(name, skip)
-               and (config.load_in_8bit or module.in_features % BLOCKSIZE == 0)]
+               if isinstance(module, nn.Linear) and not _skipped(name, skip)]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, make(linear))
@@ -596,8 +606,8 @@ def _replace_linears(model: nn.Module, config: BitsAndBytesConfig, skip_modules:
 def quantize_model(model: nn.Module, config: BitsAndBytesConfig | dict[str, Any],
                    skip_modules: Iterable[str] = ()) -> None:
     """Replace, in place, every nn.Linear of `model` (with its float weights loaded) by Int8Linear or Linear4bit,
-    except the modules named in `skip_modules` or config.llm_int8_skip_modules. 4-bit leaves layers whose
-    in_features is not a multiple of 64 in float. Each float weight is released as soon as it is quantized."""
+    except the modules named in `skip_modules` or config.llm_int8_skip_modules. Each float weight is released as
+    soon as it is quantized."""
     config = _as_config(config)
     if not config.is_quantizable:
         raise ConfigError("quantization_config asks for nothing: set load_in_8bit=True or load_in_4bit=True")

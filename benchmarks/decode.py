@@ -1,0 +1,164 @@
+"""Batch-1 greedy decoding speed on CPU against the memory-bandwidth limit, for the reference (transformers, bf16) and
+neoxja (bf16, int8, nf4), measured in ONE run on a checkpoint with the ABEJA 2.7B model's width (hidden 2560,
+32 heads, vocab 32000; fewer layers than 32 keep it quick).
+
+    python benchmarks/decode.py                   # 8 layers
+    python benchmarks/decode.py --layers 32       # the full 2.7B model (5.4 GB checkpoint in a temp dir)
+
+Decoding one token reads every weight the forward pass uses once (the input embedding contributes one row, the
+head all of it), so tokens/s can at best be `bandwidth / bytes read per token`: the "limit" of a format. The
+bandwidth is measured first, in the same run (reading 1 GiB, best of 5, same threads: see read_bandwidth). Each engine
+then runs in a fresh process, one after another:
+
+- decode tok/s: greedy, batch 1, a 16-token prompt; (time for 1 + N new tokens - time for 1) / N, best of --reps;
+- x ref: decode tok/s over the reference's bf16 decode tok/s;
+- own limit: decode tok/s as a fraction of bandwidth / (the engine's own bytes per token);
+- bf16 limit: decode tok/s as a fraction of the bf16 limit (the issue's goals: bf16 >= 0.8, int8 >= 1.5,
+  nf4 >= 2.5);
+- prefill tok/s: one forward pass over a 512-token prompt; TTFT: generate(max_new_tokens=1) on that prompt;
+- batch-8 tok/s: greedy decoding of 8 prompts at once, new tokens of all rows per second;
+- peak RSS: the process's peak resident memory (GB).
+
+The machine is shared, so absolute numbers move between runs; the ratios within one run are the claim."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load import write_checkpoint  # noqa: E402  (the same 2.7B-shaped random checkpoint)
+
+CHILD = r"""
+import json, resource, sys, time, torch
+engine, path, fmt, threads, new, reps = sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
+torch.set_num_threads(threads)
+if engine == "neoxja":
+    import neoxja as lib
+else:
+    import transformers as lib
+    lib.logging.set_verbosity_error()
+kwargs = {"dtype": torch.bfloat16}
+if fmt == "int8":
+    kwargs["quantization_config"] = lib.BitsAndBytesConfig(load_in_8bit=True)
+elif fmt == "nf4":
+    kwargs["quantization_config"] = lib.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.bfloat16)
+model = lib.AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+
+def bytes_per_token():
+    # every tensor the forward pass reads in full: all parameters and buffers but the input embedding (one row),
+    # unless it is also the head
+    head = model.get_output_embeddings().weight
+    embed = model.get_input_embeddings().weight
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen or (t is embed and t is not head):
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+gen = torch.Generator().manual_seed(0)
+prompt = torch.randint(100, 30000, (1, 16), generator=gen)
+long_prompt = torch.randint(100, 30000, (1, 512), generator=gen)
+batch = torch.randint(100, 30000, (8, 16), generator=gen)
+greedy = dict(do_sample=False, pad_token_id=0)  # with min_new_tokens = max_new_tokens: no early stop at eos
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+def generate(ids, n):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, **greedy)
+
+with torch.no_grad():
+    generate(prompt, 2)  # warm-up: kernels' one-time set-up
+    first = min(timed(lambda: generate(prompt, 1)) for _ in range(reps))
+    full = min(timed(lambda: generate(prompt, 1 + new)) for _ in range(reps))
+    prefill = min(timed(lambda: model(long_prompt)) for _ in range(max(1, reps - 1)))
+    ttft = min(timed(lambda: generate(long_prompt, 1)) for _ in range(max(1, reps - 1)))
+    batch_first = timed(lambda: generate(batch, 1))
+    batch_full = timed(lambda: generate(batch, 1 + new))
+print(json.dumps({
+    "decode": new / (full - first), "prefill": 512 / prefill, "ttft": ttft,
+    "batch8": 8 * new / (batch_full - batch_first),
+    "bytes": bytes_per_token(), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+}))
+"""
+
+RUNS = [("transformers", "bf16"), ("neoxja", "bf16"), ("neoxja", "int8"), ("neoxja", "nf4")]
+
+
+def read_bandwidth(threads: int, reps: int = 5) -> float:
+    """GB/s of reading 1 GiB once, best of `reps`: the faster of PyTorch summing an fp32 tensor and neoxja's bf16
+    GEMV streaming a [131072, 4096] matrix (on this machine the GEMV's prefetching reads faster than the sum, and a
+    limit below what a kernel reaches would flatter every fraction)."""
+    import time
+
+    from neoxja import kernels
+
+    torch.set_num_threads(threads)
+    data = torch.ones(256 * 1024 * 1024)
+    matrix, x = data.view(torch.bfloat16).view(131072, 4096), torch.ones(1, 4096, dtype=torch.bfloat16)
+    best = float("inf")
+    for _ in range(reps):
+        for read in (data.sum, lambda: kernels.linear_bf16(x, matrix)):
+            start = time.perf_counter()
+            read()
+            best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best / 1e9
+
+
+def measure(engine: str, fmt: str, path: Path, threads: int, new: int, reps: int) -> dict:
+    result = subprocess.run([sys.executable, "-c", CHILD, engine, str(path), fmt, str(threads), str(new), str(reps)],
+                            capture_output=True, text=True, check=False,
+                            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    if result.returncode != 0:
+        raise RuntimeError(f"{engine} {fmt} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per timing (default 32)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--only", choices=["reference", "neoxja"], help="run one engine only (no ratios then)")
+    parser.add_argument("--dir", help="where to write the checkpoint (default: a temporary directory)")
+    args = parser.parse_args()
+    runs = [r for r in RUNS if args.only is None or (r[0] == "neoxja") == (args.only == "neoxja")]
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        path = Path(tmp) / "ckpt"
+        write_checkpoint(path, args.layers)
+        bandwidth = read_bandwidth(args.threads)
+        results = {run: measure(*run, path, args.threads, args.new_tokens, args.reps) for run in runs}
+    bf16_bytes = results.get(("neoxja", "bf16"), results.get(("transformers", "bf16")))["bytes"]
+    reference = results.get(("transformers", "bf16"), {}).get("decode")
+    print(f"checkpoint: ABEJA 2.7B width (hidden 2560, 32 heads, vocab 32000), {args.layers} layers; "
+          f"{args.threads} threads; read bandwidth {bandwidth:.1f} GB/s; bf16 limit "
+          f"{bandwidth * 1e9 / bf16_bytes:.2f} tok/s")
+    header = (f"| {'engine':<18} | {'MB/token':>8} | {'decode tok/s':>12} | {'x ref':>5} | {'own limit':>9} | "
+              f"{'bf16 limit':>10} | {'prefill tok/s':>13} | {'TTFT 512 s':>10} | {'batch-8 tok/s':>13} | "
+              f"{'peak RSS GB':>11} |")
+    print(header)
+    print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
+    for (engine, fmt), r in results.items():
+        own_limit = bandwidth * 1e9 / r["bytes"]
+        bf16_limit = bandwidth * 1e9 / bf16_bytes
+        x_ref = f"{r['decode'] / reference:.2f}" if reference else "-"
+        print(f"| {engine + ' ' + fmt:<18} | {r['bytes'] / 1e6:>8.0f} | {r['decode']:>12.2f} | {x_ref:>5} | "
+              f"{r['decode'] / own_limit:>9.2f} | {r['decode'] / bf16_limit:>10.2f} | {r['prefill']:>13.1f} | "
+              f"{r['ttft']:>10.2f} | {r['batch8']:>13.1f} | {r['peak_rss'] / 1e9:>11.2f} |")
+
+
+if __name__ == "__main__":
+    main()
