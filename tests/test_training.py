@@ -2,6 +2,10 @@
 exactly, and bad input fails with one clear error."""
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +181,42 @@ def test_cli_trains_and_reports_errors(corpus, tmp_path, capsys):
     assert "warmup-steps" in error(corpus[0], "--max-steps", "5", "--warmup-steps", "5")
     assert "--model" in error(corpus[0], "--lora-rank", "4")
     assert "sequences" in error(corpus[0], "--seq-len", "4096", "--config", "max_position_embeddings=8192")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_as_one(corpus, tmp_path):
+    """torchrun with 2 gloo processes, 1 sequence × 2 micro-batches each, against one process with 2 × 2: the same
+    global batch, so the same per-step losses and the same final weights (up to float rounding)."""
+    model_config = {**TINY, "attention_dropout": 0.0}  # dropout masks cannot match across process counts
+    train(tiny_run(corpus, tmp_path / "one", model_config=model_config, batch_size=2, grad_accum=2, max_steps=4,
+                   save_every=4, eval_every=2))
+    config = [f"{k}={v}" for k, v in model_config.items()]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "neoxja.cli", "train",
+               corpus[0], "--eval-file", corpus[1], "--output", str(tmp_path / "two"), "--config", *config,
+               "--seq-len", "32", "--batch-size", "1", "--grad-accum", "2", "--max-steps", "4", "--warmup-steps", "2",
+               "--lr", "3e-3", "--eval-every", "2", "--save-every", "4", "--log-every", "1", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done: step 4") == 1  # rank 0 alone reports (and writes)
+    assert done.stdout.count("step 2/4 loss") == 1 and "(2 processes)" in done.stdout
+
+    one, two = saved_state(tmp_path / "one"), saved_state(tmp_path / "two")
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert [h["tokens"] for h in two["history"]] == [h["tokens"] for h in one["history"]]
+    for key in ("loss", "eval_loss", "grad_norm"):
+        expected = [h[key] for h in one["history"] if key in h]
+        assert [h[key] for h in two["history"] if key in h] == pytest.approx(expected, rel=1e-5, abs=1e-5), key
+    for name, tensor in one["model"].items():
+        torch.testing.assert_close(two["model"][name], tensor, atol=1e-5, rtol=1e-5, msg=name)
+    assert not [p.name for p in (tmp_path / "two").iterdir() if ".tmp-" in p.name]
+
+    with pytest.raises(ConfigError, match="2 process"):  # a different number of processes cannot resume it
+        train(tiny_run(corpus, tmp_path / "two", model_config=model_config, batch_size=1, grad_accum=2,
+                       max_steps=4, save_every=4, eval_every=2, log_every=1, resume=True))

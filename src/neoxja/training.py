@@ -10,10 +10,18 @@ checkpoint after an interruption continues exactly as the uninterrupted run woul
 
 The output directory is always a usable model (config.json, model.safetensors or the LoRA adapter, tokenizer
 files) plus `trainer_state.pt` (what resuming needs, written in one atomic rename so it is never half-written) and
-`loss.png` (the loss curve)."""
+`loss.png` (the loss curve).
+
+Several processes (`torchrun --nproc_per_node N -m neoxja.cli train ...`) train one model with
+DistributedDataParallel over gloo. batch_size × grad_accum is per process: each step's global batch is N times
+that, each process takes its own slice of it, and DDP averages the gradients, so N processes compute what one
+process computes with N times the batch size (the same losses and weights, up to float rounding). Only rank 0
+evaluates and writes (model, checkpoints, plot, log); all ranks draw from one RNG stream (the same dropout masks,
+on different data), so rank 0's checkpoint resumes every rank exactly."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -23,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -237,11 +245,12 @@ def export_model(model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig) -> No
 
 
 def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokenizer: Any, cfg: TrainConfig,
-                    step: int, history: list[dict[str, Any]]) -> None:
+                    step: int, history: list[dict[str, Any]], world_size: int = 1) -> None:
     export_model(model, tokenizer, cfg)
     state = {
         "format": 1, "step": step, "config": cfg.signature(), "model": trainable_state(model),
         "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "history": history,
+        "world_size": world_size,
     }
     path = Path(cfg.output) / STATE_FILE
     with atomic_path(path) as tmp:
@@ -294,14 +303,60 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Several processes
+@contextlib.contextmanager
+def process_group() -> Iterator[tuple[int, int]]:
+    """(rank, world size) of this process: a process group the caller set up, else torchrun's (RANK, WORLD_SIZE)
+    joined here over gloo (training runs on the CPU) and left at the end, else (0, 1) for an ordinary run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        yield dist.get_rank(), dist.get_world_size()
+        return
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.isdigit() or int(world) < 1:
+        raise ConfigError(f"WORLD_SIZE must be a positive integer, got {world!r}")
+    if int(world) == 1:
+        yield 0, 1
+        return
+    if not dist.is_available():
+        raise ConfigError("this PyTorch build has no torch.distributed: run neoxja train in one process")
+    dist.init_process_group("gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """True except in the processes of a torchrun launch other than rank 0."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _mean_over_processes(value: float, world: int) -> float:
+    total = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(total)
+    return float(total) / world
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The loop
 def train(cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Run (or resume) training as `cfg` says; returns the log history (one entry per step, plus eval losses)."""
+    """Run (or resume) training as `cfg` says; returns the log history (one entry per step, plus eval losses).
+
+    Under torchrun every process calls it and trains its share (see the module docstring); the history is
+    rank 0's, the only one with the held-out losses."""
+    cfg.validate()
+    with process_group() as (rank, world):
+        return _train(cfg, rank, world)
+
+
+def _train(cfg: TrainConfig, rank: int, world: int) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
     from .tokenization import AutoTokenizer
 
-    cfg.validate()
+    main = rank == 0
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output)
@@ -311,13 +366,18 @@ def train(cfg: TrainConfig) -> list[dict[str, Any]]:
         raise InputError(f"{out} already holds a training run: pass --resume to continue it, or choose another "
                          f"--output")
     state = load_checkpoint(cfg) if cfg.resume else None
+    if state is not None and state.get("world_size", 1) != world:  # the global batch, so every step, depends on it
+        raise ConfigError(f"this run was trained by {state.get('world_size', 1)} process(es): resume it with as many "
+                          f"(torchrun --nproc_per_node), not {world}")
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model or DEFAULT_TOKENIZER)
     train_seqs = pack(tokenize_files(cfg.train_files, tokenizer), cfg.seq_len)
-    per_step = cfg.batch_size * cfg.grad_accum
-    if len(train_seqs) < per_step:
+    per_step = cfg.batch_size * cfg.grad_accum  # sequences per process and step
+    if len(train_seqs) < per_step * world:
+        processes = f" × {world} processes" if world > 1 else ""
         raise InputError(f"the training text gives {len(train_seqs)} sequences of {cfg.seq_len} tokens, but one "
-                         f"step needs batch-size × grad-accum = {per_step}; add text or lower them")
+                         f"step needs batch-size × grad-accum{processes} = {per_step * world}; add text or lower "
+                         f"them")
     eval_seqs = pack(tokenize_files(cfg.eval_files, tokenizer), cfg.seq_len) if cfg.eval_files else None
     if eval_seqs is not None:
         if not len(eval_seqs):
@@ -343,28 +403,39 @@ def train(cfg: TrainConfig) -> list[dict[str, Any]]:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         step, history = state["step"], state["history"]
+    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(model)
 
     trainable = sum(p.numel() for p in dict(model.named_parameters()).values() if p.requires_grad)
-    tokens_per_step = per_step * cfg.seq_len
-    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trained); data: "
-          f"{len(train_seqs)} sequences of {cfg.seq_len} tokens ({len(train_seqs) * cfg.seq_len / 1e6:.2f}M tokens)"
-          f"; {tokens_per_step} tokens per step" + (f"; resuming at step {step}" if step else ""), flush=True)
+    tokens_per_step = per_step * world * cfg.seq_len
+    if main:
+        print(f"model: {model.num_parameters() / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trained); data: "
+              f"{len(train_seqs)} sequences of {cfg.seq_len} tokens ({len(train_seqs) * cfg.seq_len / 1e6:.2f}M "
+              f"tokens); {tokens_per_step} tokens per step" + (f" ({world} processes)" if world > 1 else "")
+              + (f"; resuming at step {step}" if step else ""), flush=True)
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = torch.autocast("cpu", dtype=DTYPES[cfg.dtype], enabled=cfg.dtype != "float32")
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               disable=None if main else True)
     interval_start, interval_tokens = time.perf_counter(), 0
     while step < cfg.max_steps:
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = train_seqs[batch_indices(step, len(train_seqs), per_step, cfg.seed)]
+        order = batch_indices(step, len(train_seqs), per_step * world, cfg.seed)
+        micro_batches = train_seqs[order[rank * per_step:(rank + 1) * per_step]].split(cfg.batch_size)
         loss = 0.0
-        for micro in batch.split(cfg.batch_size):
-            with autocast:
-                result = model(input_ids=micro, labels=micro, use_cache=False,
-                               num_items_in_batch=per_step * (cfg.seq_len - 1))
-            result.loss.backward()
+        for i, micro in enumerate(micro_batches):
+            # Each process's loss is its mean over its own tokens; DDP's gradient average over processes makes that
+            # the mean over the global batch. It averages once per step, in the last micro-batch's backward.
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if world == 1 or last else net.no_sync():
+                with autocast:
+                    result = net(input_ids=micro, labels=micro, use_cache=False,
+                                 num_items_in_batch=per_step * (cfg.seq_len - 1))
+                result.loss.backward()
             loss += float(result.loss.detach())
+        if world > 1:
+            loss = _mean_over_processes(loss, world)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else math.inf))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -373,14 +444,14 @@ def train(cfg: TrainConfig) -> list[dict[str, Any]]:
                                  "grad_norm": grad_norm}
         interval_tokens += tokens_per_step
         rate = interval_tokens / (time.perf_counter() - interval_start)
-        if eval_seqs is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+        if main and eval_seqs is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             entry["eval_loss"] = evaluate_loss(model, eval_seqs, cfg.batch_size, cfg.dtype)
         history.append(entry)
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            save_checkpoint(model, optimizer, tokenizer, cfg, step, history)
+        if main and (step % cfg.save_every == 0 or step == cfg.max_steps):
+            save_checkpoint(model, optimizer, tokenizer, cfg, step, history, world_size=world)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", refresh=False)
         bar.update()
-        if step % cfg.log_every == 0 or "eval_loss" in entry or step == cfg.max_steps:
+        if main and (step % cfg.log_every == 0 or "eval_loss" in entry or step == cfg.max_steps):
             held_out = f" held-out {entry['eval_loss']:.4f}" if "eval_loss" in entry else ""
             bar.write(f"step {step}/{cfg.max_steps} loss {loss:.4f}{held_out} lr {lr:.2e} "
                       f"grad-norm {grad_norm:.2f} {rate:.0f} tok/s")
@@ -450,6 +521,8 @@ def cli_main(args: argparse.Namespace, name: str) -> int:
     values = {k: v for k, v in vars(args).items() if k in fields and k != "model_config"}
     cfg = TrainConfig(model_config=dict(args.config), **values)
     history = train(cfg)
+    if not is_main_process():
+        return 0
     last_eval = next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None)
     summary = f"done: step {history[-1]['step']}, train loss {history[-1]['loss']:.4f}" if history else "done"
     print(summary + (f", held-out loss {last_eval:.4f}" if last_eval is not None else "") + f"; model in {cfg.output}")
