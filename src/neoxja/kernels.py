@@ -5,7 +5,8 @@ This module owns the choice of kernel for `y = x @ W.T + bias`:
 - small batches (at most MAX_GEMV_ROWS rows of activations, i.e. decoding) go to `neoxja._kernels`, the C/AVX-512
   GEMV that streams the weights once and decodes them in registers;
 - larger batches (prefill) dequantize the weights once to the activations' dtype and use PyTorch's matmul;
-- without the native module (no compiler at install, or a CPU without AVX-512) the same functions run on PyTorch.
+- without the native module (no compiler at install, or a CPU without AVX-512), and for tensors on a GPU, the same
+  functions run on PyTorch.
 
 Numerics, every path: weights decode exactly to fp32, products and sums are fp32 and the result is rounded once to the
 output dtype, so all paths equal `F.linear(x.float(), W_fp32, bias)` up to fp32 summation order (relative error of
@@ -58,6 +59,7 @@ def _linear(x: torch.Tensor, n: int, k: int, native_args, dequant, bias, out_dty
     if (
         small
         and HAVE_NATIVE
+        and x2.device.type == "cpu"
         and native_args is not None
         and x2.dtype in _DT
         and out_dtype in _DT
@@ -102,7 +104,7 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def dequantize_int8(qweight: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """W = qweight * SCB / 127 as bitsandbytes computes it ((q * SCB) * fp32(1/127)), then rounded to `dtype`."""
     n, k = qweight.shape
-    if HAVE_NATIVE and dtype in _DT and k % 16 == 0:
+    if HAVE_NATIVE and dtype in _DT and k % 16 == 0 and qweight.device.type == "cpu":
         out = torch.empty(n, k, dtype=dtype)
         _native.dequantize(_native.FMT_INT8, out.data_ptr(), _DT[dtype], qweight.data_ptr(), scb.data_ptr(), 0, n, k,
                            torch.get_num_threads())
@@ -138,7 +140,7 @@ def quantize_4bit_native(flat: torch.Tensor, nf4: bool) -> tuple[torch.Tensor, t
     [n], absmax fp32 [n/64]), bit-exact with neoxja.quantization's PyTorch definition and several times faster. None
     when the native module is missing or the input does not suit it (n not a multiple of 64, another dtype)."""
     n = flat.numel()
-    if not HAVE_NATIVE or n % 64 or flat.dtype not in _DT:
+    if not HAVE_NATIVE or n % 64 or flat.dtype not in _DT or flat.device.type != "cpu":
         return None
     flat = flat.contiguous()
     indices, absmax = torch.empty(n, dtype=torch.uint8), torch.empty(n // 64)
@@ -164,7 +166,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Runtime layout -> W [N, K]: code[index] * absmax in fp32 (bitsandbytes' rule), then rounded to `dtype`."""
     n = packed.shape[0]
-    if HAVE_NATIVE and dtype in _DT:
+    if HAVE_NATIVE and dtype in _DT and packed.device.type == "cpu":
         out = torch.empty(n, k, dtype=dtype)
         _native.dequantize(_native.FMT_4BIT, out.data_ptr(), _DT[dtype], packed.data_ptr(), absmax.data_ptr(),
                            code.data_ptr(), n, k, torch.get_num_threads())
