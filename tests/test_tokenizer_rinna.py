@@ -249,3 +249,12 @@ def test_chat_reply_round_trip(tokenizer):
     # What the card does with a generated reply: decode, then <NL> -> newline, minus the final </s>.
     reply_ids = tokenizer.encode("はい。<NL>目薬を試してください。")  # ends with </s> like a generation
     assert parse_reply(tokenizer.decode(reply_ids)) == "はい。\n目薬を試してください。"
+
+
+def test_lone_surrogate_is_a_clear_error(tokenizer):
+    from neoxja.errors import InputError
+
+    with pytest.raises(InputError, match=r"lone surrogate U\+D800 at position 2"):
+        tokenizer("猫が\ud800いる")
+    with pytest.raises(InputError, match="lone surrogate"):
+        tokenizer.tokenize("\udfff")

@@ -27,6 +27,8 @@ NL = "<NL>"
 USER = "ユーザー"
 SYSTEM = "システム"  # rinna's name for the model's own turns (the assistant), not for a system prompt
 EOS = "</s>"
+# rinna's models go on to write the user's next turn after their own; the reply ends where that begins.
+NEXT_TURN = f"{NL}{USER}:"
 
 # rinna's format has no system prompt. A "system" message becomes a user turn where it stands; in the usual
 # case (it comes first) that puts the instructions in front of the conversation, which is how people prompt

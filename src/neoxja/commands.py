@@ -20,7 +20,7 @@ from typing import Any, Iterator, TextIO
 
 import torch
 
-from .chat import NL, USER, parse_reply
+from .chat import NEXT_TURN, NL, parse_reply
 from .errors import InputError, NeoxjaError
 
 # (flag, type, help); the destination is the generate() argument of the same name.
@@ -46,8 +46,6 @@ CHAT_EPILOG = """\
 Each input line is one user message; the reply is printed as it is generated. Commands: /reset forgets the
 conversation, /exit (or end of input) quits. Works with piped input too: one reply line per message."""
 EXIT_COMMANDS = ("/exit", "/quit")
-# rinna's models go on to write the user's next turn after their own; the reply ends where that begins.
-NEXT_TURN = f"{NL}{USER}:"
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -84,12 +82,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def cli_main(args: argparse.Namespace, name: str) -> int:
-    with _warnings_as_lines(name):
+    with warnings_as_lines(name):
         decoding = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
                     for flag, _, _ in GENERATION_FLAGS}
         decoding.update(do_sample=args.do_sample, stop_strings=args.stop)
         decoding = {k: v for k, v in decoding.items() if v is not None}
-        pipe = _load_pipeline(args, decoding)
+        pipe = load_pipeline(args, decoding)
         if name == "run":
             return _run(pipe, args.input)
         if name == "generate":
@@ -98,14 +96,14 @@ def cli_main(args: argparse.Namespace, name: str) -> int:
 
 
 @contextlib.contextmanager
-def _warnings_as_lines(name: str) -> Iterator[None]:
+def warnings_as_lines(name: str) -> Iterator[None]:
     """Print warnings as "neoxja NAME: warning: ..." lines instead of Python's file:line format."""
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *_: print(f"neoxja {name}: warning: {message}", file=sys.stderr)
         yield
 
 
-def _load_pipeline(args: argparse.Namespace, decoding: dict[str, Any]) -> Any:
+def load_pipeline(args: argparse.Namespace, decoding: dict[str, Any]) -> Any:
     from .pipelines import pipeline
 
     if args.quiet:

@@ -55,19 +55,19 @@ def cli_main(args: argparse.Namespace, name: str) -> int:
         import uvicorn
     except ModuleNotFoundError:
         raise InputError("neoxja serve needs FastAPI and uvicorn: pip install 'neoxja[server]'") from None
-    from ..commands import _load_pipeline, _warnings_as_lines
+    from ..commands import load_pipeline, warnings_as_lines
     from ..pipelines import DEMO_MODEL_DIR
     from .app import create_app
     from .engine import Engine
 
     if args.max_body_bytes < 1:
         raise InputError(f"--max-body-bytes must be positive, got {args.max_body_bytes}")
-    with _warnings_as_lines(name):
+    with warnings_as_lines(name):
         sock = _listen(args.host, args.port)
         if args.api_key is None and not _is_loopback(sock):
             print(f"neoxja {name}: warning: listening on {args.host} without --api-key: anyone who can reach this "
                   "machine can use the model", file=sys.stderr)
-        pipe = _load_pipeline(args, {})
+        pipe = load_pipeline(args, {})
         engine = Engine(pipe.model, pipe.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue)
         model_name = args.served_model_name or args.model or DEMO_MODEL_DIR.name
         app = create_app(engine, model_name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)

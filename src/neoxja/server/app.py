@@ -25,8 +25,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..chat import NL
-from ..commands import NEXT_TURN
+from ..chat import NEXT_TURN, NL
 from ..errors import InputError
 from ..generation import generation_config_for
 from ..pipelines import chat_input_ids

@@ -13,6 +13,7 @@
    Text normalisation, emoji replacement and clean_text stay in Python, shared by both paths. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -303,10 +304,12 @@ static int fallback(Segmenter *self, IdBuffer *out, Py_UCS4 c, Py_ssize_t pos) {
             u[0] = 0xC0 | (c >> 6), u[1] = 0x80 | (c & 0x3F);
             n = 2;
         } else if (c >= 0xD800 && c <= 0xDFFF) {
+            char code[16]; /* PyErr_Format has no %04X before Python 3.12 */
+            snprintf(code, sizeof code, "U+%04X", (unsigned)c);
             PyErr_Format(self->error,
-                         "text has a lone surrogate U+%04X at position %zd, which is not a character and has no "
+                         "text has a lone surrogate %s at position %zd, which is not a character and has no "
                          "UTF-8 encoding",
-                         (unsigned)c, pos);
+                         code, pos);
             return -1;
         } else if (c < 0x10000) {
             u[0] = 0xE0 | (c >> 12), u[1] = 0x80 | ((c >> 6) & 0x3F), u[2] = 0x80 | (c & 0x3F);
@@ -324,9 +327,11 @@ static int fallback(Segmenter *self, IdBuffer *out, Py_UCS4 c, Py_ssize_t pos) {
     }
     if (id < 0) goto missing;
     return push(out, id);
-missing:
-    PyErr_Format(self->error, "character U+%04X at position %zd has no token, and the vocabulary has no unk token",
-                 (unsigned)c, pos);
+missing:;
+    char code[16];
+    snprintf(code, sizeof code, "U+%04X", (unsigned)c);
+    PyErr_Format(self->error, "character %s at position %zd has no token, and the vocabulary has no unk token", code,
+                 pos);
     return -1;
 }
 

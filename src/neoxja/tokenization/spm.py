@@ -22,7 +22,7 @@ from typing import Any
 import sentencepiece
 
 from ..chat import build_prompt
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 from ..files import write_atomic
 from .base import BatchEncoding, Tokenizer
 
@@ -78,10 +78,10 @@ class SentencePieceTokenizer(Tokenizer):
     # Base-class hooks
 
     def _tokenize(self, text: str) -> list[str]:
-        return self.sp.encode(text, out_type=str)
+        return self.sp.encode(_utf8_text(text), out_type=str)
 
     def _encode_plain(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        return self.sp.encode(_utf8_text(text))
 
     def _convert_token_to_id(self, token: str) -> int:
         return self.sp.piece_to_id(token)
@@ -174,3 +174,13 @@ def _join_runs(
             run.append(item)
     out.append(decode(run))
     return "".join(out)
+
+
+def _utf8_text(text: str) -> str:
+    """`text`, unless it holds a lone surrogate (SentencePiece would fail on it with a bare RuntimeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(f"text has a lone surrogate U+{ord(text[err.start]):04X} at position {err.start}: not a "
+                         f"character, it has no UTF-8 encoding") from None
+    return text
