@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import doctest
-import importlib.util
 import io
 import json
 import os
@@ -234,12 +233,6 @@ def run_session(code: str) -> tuple[dict, list[tuple[str, str]]]:
     return namespace, outputs
 
 
-def needs(module: str) -> pytest.MarkDecorator:
-    """xfail while another engineer's module does not exist yet; once it does, the example must pass."""
-    missing = importlib.util.find_spec(module) is None
-    return pytest.mark.xfail(missing, reason=f"{module} is not built yet", strict=False)
-
-
 @pytest.fixture
 def abeja(abeja_checkpoint):  # noqa: F811
     return {"abeja/gpt-neox-japanese-2.7b": abeja_checkpoint}
@@ -313,7 +306,6 @@ def test_cli(abeja):
     assert torch.cuda.is_available() or "no CUDA GPU" in done.stderr
 
 
-@needs("neoxja.quantization")
 def test_quantization(abeja):
     _, _, printed = run_script(adapt("quantization", abeja))
     assert printed.startswith(PROMPT)
