@@ -15,9 +15,15 @@ exception: it multiplies by the weights rounded to bf16, as bitsandbytes' `Linea
 Measured against torch's own kernels: benchmarks/matmul.py.
 
 4-bit runtime layout (made by `pack_4bit` from code indices; the bitsandbytes layout is kept only on disk):
-rows are padded to Kp = K rounded up to 128; each 64-byte line of a row holds 128 weights, 32-bit lane j (0..15),
-nibble t (0..7, from the least significant) holding element 16t + j of the line. The kernel then needs one shift
-and one 16-entry permute per 16 weights. `absmax` is fp32 [N, Kp/64]; padding blocks have absmax 0.
+rows are padded to Kp = K rounded up to 128; each 64-byte line of a row holds 128 weights, 16-bit lane w (0..31),
+nibble t (0..3, from the least significant) holding element 32t + w of the line. One shift then puts 32
+consecutive weights' indices in the 32 lanes, in order (see _kernels.c). `absmax` is fp32 [N, Kp/64]; padding
+blocks have absmax 0.
+
+One exception to "weights decode exactly to fp32": where the CPU has AVX512-BF16 and the activations are bf16, the
+4-bit GEMV multiplies with the code book rounded to bf16 (vdpbf16ps: twice the weights per instruction), so each
+weight carries a relative error of at most 2^-9 on top of its 4-bit quantization (bitsandbytes' own bf16 compute
+rounds the dequantized weights to bf16 too). The result stays within bf16 precision of the exact sum.
 """
 from __future__ import annotations
 
@@ -33,6 +39,8 @@ except ImportError:  # built without a C compiler or without AVX-512: PyTorch fa
 
 HAVE_NATIVE = _native is not None
 MAX_GEMV_ROWS = 8  # activation rows the GEMV kernel takes in one pass (batched decode); more is prefill
+# 4-bit GEMV with bf16 activations multiplies by the code book rounded to bf16 (see the module docstring)
+BF16_CODE_4BIT = bool(HAVE_NATIVE and _native.BF16_CODE_4BIT)
 
 _DT = {torch.float32: 0, torch.bfloat16: 1}  # the dtype codes of _kernels.c (DT_F32, DT_BF16)
 
@@ -131,7 +139,7 @@ def pack_4bit(indices: torch.Tensor) -> torch.Tensor:
     n, k = indices.shape
     kp = _ceil128(k)
     idx = F.pad(indices.to(torch.uint8), (0, kp - k))
-    lane_nibble = idx.view(n, kp // 128, 8, 16).transpose(2, 3)  # [n, line, lane j, nibble t]
+    lane_nibble = idx.view(n, kp // 128, 4, 32).transpose(2, 3)  # [n, line, lane w, nibble t]
     return (lane_nibble[..., 0::2] | (lane_nibble[..., 1::2] << 4)).reshape(n, kp // 2).contiguous()
 
 
@@ -152,8 +160,8 @@ def quantize_4bit_native(flat: torch.Tensor, nf4: bool) -> tuple[torch.Tensor, t
 def unpack_4bit(packed: torch.Tensor, k: int) -> torch.Tensor:
     """Inverse of `pack_4bit`: runtime layout -> code indices [N, K] uint8."""
     n, kp = packed.shape[0], packed.shape[1] * 2
-    b = packed.view(n, kp // 128, 16, 4)
-    lane_nibble = torch.stack((b & 15, b >> 4), dim=-1).reshape(n, kp // 128, 16, 8)
+    b = packed.view(n, kp // 128, 32, 2)
+    lane_nibble = torch.stack((b & 15, b >> 4), dim=-1).reshape(n, kp // 128, 32, 4)
     return lane_nibble.transpose(2, 3).reshape(n, kp)[:, :k].contiguous()
 
 
