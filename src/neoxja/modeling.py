@@ -282,7 +282,8 @@ class RotaryEmbedding:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first R channels of x [B, NH, T, D] half-split style; the rest pass through."""
+    """Rotate the first R channels of x [..., D] half-split style (cos, sin [..., R] broadcast); the rest pass
+    through."""
     rot_dim = cos.shape[-1]
     rot, rest = x[..., :rot_dim], x[..., rot_dim:]
     half = rot_dim // 2
@@ -321,8 +322,11 @@ class Attention(nn.Module):
                 head_mask: Tensor | None = None, output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
         batch, length, _ = x.shape
         qkv = self.query_key_value(x).view(batch, length, self.num_heads, 3 * self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split(self.head_dim, dim=-1)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # queries and keys rotate together: half the elementwise calls, which a decode step pays per layer
+        qk = apply_rotary(qkv[..., : 2 * self.head_dim].unflatten(-1, (2, self.head_dim)), cos[..., None, :],
+                          sin[..., None, :])
+        q, k = qk.unbind(-2)
+        v = qkv[..., 2 * self.head_dim:]
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
         dropout = self.dropout if self.training else 0.0
@@ -378,12 +382,14 @@ class Layer(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None,
                 head_mask: Tensor | None = None, output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
         attn, probs = self.attention(self.input_layernorm(x), cos, sin, mask, cache, head_mask, output_attentions)
-        attn = F.dropout(attn, self.dropout, self.training)
+        attn = self._dropout(attn)
         if self.parallel:  # both branches read the layer input
-            mlp = F.dropout(self.mlp(self.post_attention_layernorm(x)), self.dropout, self.training)
-            return mlp + attn + x, probs
+            return self._dropout(self.mlp(self.post_attention_layernorm(x))) + attn + x, probs
         x = attn + x
-        return F.dropout(self.mlp(self.post_attention_layernorm(x)), self.dropout, self.training) + x, probs
+        return self._dropout(self.mlp(self.post_attention_layernorm(x))) + x, probs
+
+    def _dropout(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.dropout, True) if self.training and self.dropout else x
 
 
 def causal_mask(new: int, total: int, attention_mask: Tensor | None, dtype: torch.dtype,
