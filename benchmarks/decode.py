@@ -8,10 +8,11 @@ neoxja (bf16, int8, nf4), measured in ONE run on a checkpoint with the ABEJA 2.7
 Decoding one token reads every weight the forward pass uses once (the input embedding contributes one row, the
 head all of it), so tokens/s can at best be `bandwidth / bytes read per token`: the "limit" of a format. The
 bandwidth is measured in the same run, before and after the engines (reading 1 GiB, best of 5 each time, same
-threads: see read_bandwidth). Each engine also runs alone in a fresh process for the other figures:
+threads: see read_bandwidth). Each engine runs alone in a fresh process, --rounds times with the engines taking
+turns (a slow spell of the shared host then does not hit one engine only); each figure is the best of its
+--reps timings and rounds:
 
-- decode tok/s: greedy, batch 1, a 16-token prompt; (time for 1 + N new tokens - time for 1) / N, best of --reps,
-  measured with all engines loaded in one process taking turns (the host is shared: noise then hits all alike);
+- decode tok/s: greedy, batch 1, a 16-token prompt; (time for 1 + N new tokens - time for 1) / N;
 - x ref: decode tok/s over the reference's bf16 decode tok/s;
 - own limit: decode tok/s as a fraction of bandwidth / (the engine's own bytes per token);
 - bf16 limit: decode tok/s as a fraction of the bf16 limit (the issue's goals: bf16 >= 0.8, int8 >= 1.5,
@@ -38,11 +39,10 @@ from load import write_checkpoint  # noqa: E402  (the same 2.7B-shaped random ch
 
 CHILD = r"""
 import json, resource, sys, time, torch
-mode, path, threads, new, reps, runs = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]), sys.argv[6:]
+engine, fmt, path, threads, new, reps = sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
 torch.set_num_threads(threads)
 
-def load(run):
-    engine, fmt = run.split(":")
+def load():
     if engine == "neoxja":
         import neoxja as lib
     else:
@@ -83,28 +83,20 @@ def generate(model, ids, n):  # min_new_tokens = max_new_tokens: no early stop a
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                           do_sample=False, pad_token_id=0)
 
+model = load()
 with torch.no_grad():
-    if mode == "decode":  # every engine in this process, taking turns, so machine noise hits them alike
-        models = {run: load(run) for run in runs}
-        for model in models.values():
-            generate(model, prompt, 2)  # warm-up: kernels' one-time set-up
-        best = {run: [float("inf"), float("inf")] for run in runs}
-        for _ in range(reps):
-            for run, model in models.items():
-                best[run][0] = min(best[run][0], timed(lambda: generate(model, prompt, 1)))
-                best[run][1] = min(best[run][1], timed(lambda: generate(model, prompt, 1 + new)))
-        print(json.dumps({run: new / (full - first) for run, (first, full) in best.items()}))
-    else:  # one engine alone: prefill, time to first token, batch-8 decoding, memory
-        model = load(runs[0])
-        generate(model, prompt, 2)
-        prefill = min(timed(lambda: model(long_prompt)) for _ in range(max(1, reps - 1)))
-        ttft = min(timed(lambda: generate(model, long_prompt, 1)) for _ in range(max(1, reps - 1)))
-        batch_first = timed(lambda: generate(model, batch, 1))
-        batch_full = timed(lambda: generate(model, batch, 1 + new))
-        print(json.dumps({
-            "prefill": 512 / prefill, "ttft": ttft, "batch8": 8 * new / (batch_full - batch_first),
-            "bytes": bytes_per_token(model), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        }))
+    generate(model, prompt, 2)  # warm-up: kernels' one-time set-up
+    first = min(timed(lambda: generate(model, prompt, 1)) for _ in range(reps))
+    full = min(timed(lambda: generate(model, prompt, 1 + new)) for _ in range(reps))
+    prefill = min(timed(lambda: model(long_prompt)) for _ in range(max(1, reps - 1)))
+    ttft = min(timed(lambda: generate(model, long_prompt, 1)) for _ in range(max(1, reps - 1)))
+    batch_first = timed(lambda: generate(model, batch, 1))
+    batch_full = timed(lambda: generate(model, batch, 1 + new))
+print(json.dumps({
+    "decode": new / (full - first), "prefill": 512 / prefill, "ttft": ttft,
+    "batch8": 8 * new / (batch_full - batch_first),
+    "bytes": bytes_per_token(model), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+}))
 """
 
 RUNS = [("transformers", "bf16"), ("neoxja", "bf16"), ("neoxja", "int8"), ("neoxja", "nf4")]
@@ -130,14 +122,19 @@ def read_bandwidth(threads: int, reps: int = 5) -> float:
     return data.numel() * 4 / best / 1e9
 
 
-def child(mode: str, runs: list[tuple[str, str]], path: Path, threads: int, new: int, reps: int) -> dict:
-    names = [f"{engine}:{fmt}" for engine, fmt in runs]
-    result = subprocess.run([sys.executable, "-c", CHILD, mode, str(path), str(threads), str(new), str(reps), *names],
+def measure(engine: str, fmt: str, path: Path, threads: int, new: int, reps: int) -> dict:
+    result = subprocess.run([sys.executable, "-c", CHILD, engine, fmt, str(path), str(threads), str(new), str(reps)],
                             capture_output=True, text=True, check=False,
                             env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(names)} ({mode}) failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"{engine} {fmt} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def best_of_rounds(rounds: list[dict]) -> dict:
+    """Per figure, the best value any round reached (fastest rates, shortest TTFT, smallest memory)."""
+    lowest = {"ttft", "peak_rss"}
+    return {key: (min if key in lowest else max)(r[key] for r in rounds) for key in rounds[0]}
 
 
 def main() -> None:
@@ -145,7 +142,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per timing (default 32)")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=3, help="timings per figure in each process (best is kept)")
+    parser.add_argument("--rounds", type=int, default=2, help="fresh processes per engine, engines taking turns")
     parser.add_argument("--only", choices=["reference", "neoxja"], help="run one engine only (no ratios then)")
     parser.add_argument("--dir", help="where to write the checkpoint (default: a temporary directory)")
     args = parser.parse_args()
@@ -156,10 +154,11 @@ def main() -> None:
         # memory bandwidth on a shared host moves with the neighbours' load: probe before and after the engines
         # and take the best, so that no engine is judged against a momentary dip
         bandwidth = read_bandwidth(args.threads)
-        results = {run: child("alone", [run], path, args.threads, args.new_tokens, args.reps) for run in runs}
-        decode = child("decode", runs, path, args.threads, args.new_tokens, args.reps)
-        for (engine, fmt), r in results.items():
-            r["decode"] = decode[f"{engine}:{fmt}"]
+        rounds: dict[tuple[str, str], list[dict]] = {run: [] for run in runs}
+        for _ in range(args.rounds):  # engines take turns, so a slow spell of the host does not hit only one
+            for run in runs:
+                rounds[run].append(measure(*run, path, args.threads, args.new_tokens, args.reps))
+        results = {run: best_of_rounds(r) for run, r in rounds.items()}
         bandwidth = max(bandwidth, read_bandwidth(args.threads))
     bf16_bytes = results.get(("neoxja", "bf16"), results.get(("transformers", "bf16")))["bytes"]
     reference = results.get(("transformers", "bf16"), {}).get("decode")

@@ -350,7 +350,7 @@ def _abeja_vocabulary(tokenizer: Any) -> tuple[list[str], list[float], list[int]
     them decode to UTF-8 there too. llama.cpp needs distinct token texts: an id whose text repeats an earlier
     one (never produced by ABEJA's encoder, which picks the smallest id) or is empty becomes an unused
     placeholder."""
-    from .tokenization.abeja import _BYTE_TOKEN
+    from .tokenization.abeja import BYTE_TOKEN
 
     warnings.warn("ABEJA's tokenizer (BPEEncoder-V2: variant spellings, emoji classes, whitespace tags) has no "
                   "llama.cpp equivalent: the GGUF file decodes token ids to ABEJA's text, but llama.cpp splits text "
@@ -361,7 +361,7 @@ def _abeja_vocabulary(tokenizer: Any) -> tuple[list[str], list[float], list[int]
     types: list[int] = []
     seen: set[str] = set()
     for i, spellings in enumerate(tokenizer.spellings):
-        byte = _BYTE_TOKEN.fullmatch(spellings[0]) if spellings else None
+        byte = BYTE_TOKEN.fullmatch(spellings[0]) if spellings else None
         if i in special:
             text, kind = tokenizer.convert_ids_to_tokens(i), TOKEN_CONTROL
         elif byte and int(byte.group(1)) < 256:

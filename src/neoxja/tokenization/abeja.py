@@ -74,7 +74,7 @@ _U2000_RANGE = (0x2000, 0x2BFF)  # general punctuation .. miscellaneous symbols 
 _TAG_TEXT = {
     "<SP>": " ", "<BR>": "\n", "<TAB>": "\t", "<BLOCK>": "\u2580", "<KIGOU>": "\u01c0", "<U2000U2BFF>": "\u2016",
 }  # fmt: skip
-_BYTE_TOKEN = re.compile(r"<\|byte(\d+)\|>")
+BYTE_TOKEN = re.compile(r"<\|byte(\d+)\|>")
 
 _CACHE_LIMIT = 1 << 18  # decisions cached by the pure-Python segmenter before the cache is reset
 
@@ -376,7 +376,7 @@ class GPTNeoXJapaneseTokenizer(Tokenizer):
 
     def _render(self, word: str) -> str | bytes:
         """What an id's first spelling decodes to: bytes for a byte token, else text."""
-        byte = _BYTE_TOKEN.fullmatch(word)
+        byte = BYTE_TOKEN.fullmatch(word)
         if byte and int(byte.group(1)) < 256:
             return bytes([int(byte.group(1))])
         if word.startswith("<|emoji") and word.endswith("|>"):
