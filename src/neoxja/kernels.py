@@ -20,6 +20,9 @@ nibble t (0..3, from the least significant) holding element 32t + w of the line.
 consecutive weights' indices in the 32 lanes, in order (see _kernels.c). `absmax` is fp32 [N, Kp/64]; padding
 blocks have absmax 0.
 
+bf16 weights with bf16 activations on AVX512-BF16 use vdpbf16ps: the products are exact in fp32 and sums fp32, so
+the numbers are those above (denormal inputs count as zero); batched decoding, which is compute-bound, gains most.
+
 One exception to "weights decode exactly to fp32": where the CPU has AVX512-BF16 and the activations are bf16, the
 4-bit GEMV multiplies with the code book rounded to bf16 (vdpbf16ps: twice the weights per instruction), so each
 weight carries a relative error of at most 2^-9 on top of its 4-bit quantization (bitsandbytes' own bf16 compute
