@@ -127,3 +127,30 @@ def test_quantization_barely_changes_demo_model_perplexity(tmp_path: Path):
     assert 20 < base < 1000  # a trained model: far below the unigram baseline (~970), far above 1
     assert abs(int8 / base - 1) < 0.01, (base, int8)
     assert abs(nf4 / base - 1) < 0.05, (base, nf4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_step_equals_the_separate_ops(tmp_path: Path, monkeypatch, dtype: torch.dtype):
+    """kernels.decode_attention (rotary + cache write + attention in one call) against rotary, KVCache.update and
+    attend as separate ops: partial rotary, a left-padded batch, a cache buffer larger than its contents."""
+    japanese_reference(rotary_pct=0.5, hidden_size=96, num_attention_heads=4).save_pretrained(tmp_path)
+    model = neoxja.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+
+    def decode(fused: bool) -> torch.Tensor:
+        monkeypatch.setattr(kernels, "fused_decode_ready", lambda qkv, heads: fused)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            out = model(ids[:, :5], attention_mask=mask[:, :5], position_ids=positions[:, :5], use_cache=True)
+            logits = []
+            for i in range(5, 9):
+                out = model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], position_ids=positions[:, i:i + 1],
+                            past_key_values=out.past_key_values, use_cache=True)
+                logits.append(out.logits[:, -1].float())
+        return torch.stack(logits, dim=1)
+
+    fused, separate = decode(True), decode(False)
+    tolerance = 1e-5 if dtype == torch.float32 else 0.03 * float(separate.abs().max())
+    torch.testing.assert_close(fused, separate, rtol=0, atol=tolerance)

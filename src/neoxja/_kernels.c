@@ -213,9 +213,11 @@ INLINE void tile_bf16_dot(int R, int M, int64_t n, const uint16_t *w, int64_t K,
 #endif
 
 /* Per 64-weight block the code values are summed first and the block's absmax multiplies the sum: one FMA per block
-   instead of one multiply per weight (same result up to fp32 rounding). K = row length padded to 128. */
-INLINE void tile_4bit(int R, int M, int64_t n, const uint8_t *w, const float *absmax, __m512 code, int64_t K,
-                      int64_t k0, int64_t k1, const float *xp, float *part)
+   instead of one multiply per weight (same result up to fp32 rounding). K = row length padded to 128. `dot` (a
+   compile-time constant at each call) picks the bf16 path (xb, codebf) or the fp32 one (xp, code). */
+INLINE void tile_4bit(int dot, int R, int M, int64_t n, const uint8_t *w, const float *absmax, __m512 code,
+                      __m512i codebf, int64_t K, int64_t k0, int64_t k1, const float *xp, const uint16_t *xb,
+                      float *part)
 {
     __m512 acc[4][MAX_M];
     zero(R, M, acc);
@@ -233,14 +235,31 @@ INLINE void tile_4bit(int R, int M, int64_t n, const uint8_t *w, const float *ab
             zero(R, M, s);
 #pragma GCC unroll 2
             for (int t = 2 * b; t < 2 * b + 2; t++) {
+#ifdef __AVX512BF16__
+                if (dot) {
+                    __m512i wt[4];
+#pragma GCC unroll 4
+                    for (int r = 0; r < R; r++)
+                        wt[r] = _mm512_permutexvar_epi16(_mm512_srli_epi16(line[r], 4 * t), codebf);
+#pragma GCC unroll 8
+                    for (int m = 0; m < M; m++) {
+                        __m512i xv = _mm512_loadu_si512(xb + m * K + k + 32 * t);
+#pragma GCC unroll 4
+                        for (int r = 0; r < R; r++)
+                            s[r][m] = _mm512_dpbf16_ps(s[r][m], (__m512bh)wt[r], (__m512bh)xv);
+                    }
+                    continue;
+                }
+#endif
                 __m512 w0[4], w1[4];
 #pragma GCC unroll 4
                 for (int r = 0; r < R; r++) decode4(line[r], t, code, &w0[r], &w1[r]);
 #pragma GCC unroll 8
                 for (int m = 0; m < M; m++) {
-                    __m512 xa = _mm512_loadu_ps(xp + m * K + k + 32 * t), xb = _mm512_loadu_ps(xp + m * K + k + 32 * t + 16);
+                    __m512 xa = _mm512_loadu_ps(xp + m * K + k + 32 * t);
+                    __m512 xc = _mm512_loadu_ps(xp + m * K + k + 32 * t + 16);
 #pragma GCC unroll 4
-                    for (int r = 0; r < R; r++) s[r][m] = _mm512_fmadd_ps(w1[r], xb, _mm512_fmadd_ps(w0[r], xa, s[r][m]));
+                    for (int r = 0; r < R; r++) s[r][m] = _mm512_fmadd_ps(w1[r], xc, _mm512_fmadd_ps(w0[r], xa, s[r][m]));
                 }
             }
 #pragma GCC unroll 8
@@ -253,49 +272,6 @@ INLINE void tile_4bit(int R, int M, int64_t n, const uint8_t *w, const float *ab
     }
     add_partials(R, M, acc, part);
 }
-
-#ifdef __AVX512BF16__
-/* The bf16 path of tile_4bit (see the layout above): xb is the bf16 activations [M, K], zero-padded. */
-INLINE void tile_4bit_bf16(int R, int M, int64_t n, const uint8_t *w, const float *absmax, __m512i codebf, int64_t K,
-                           int64_t k0, int64_t k1, const uint16_t *xb, float *part)
-{
-    __m512 acc[4][MAX_M];
-    zero(R, M, acc);
-    for (int64_t k = k0; k < k1; k += 128) {
-        __m512i line[4];
-#pragma GCC unroll 8
-        for (int r = 0; r < R; r++) {
-            const uint8_t *p = w + (n + r) * (K / 2) + k / 2;
-            _mm_prefetch((const char *)p + R * (K / 2), _MM_HINT_T1); /* see PREFETCH */
-            line[r] = _mm512_loadu_si512(p);
-        }
-#pragma GCC unroll 2
-        for (int b = 0; b < 2; b++) {
-            __m512 s[4][MAX_M];
-            zero(R, M, s);
-#pragma GCC unroll 2
-            for (int t = 2 * b; t < 2 * b + 2; t++) {
-                __m512i wt[4];
-#pragma GCC unroll 4
-                for (int r = 0; r < R; r++) wt[r] = _mm512_permutexvar_epi16(_mm512_srli_epi16(line[r], 4 * t), codebf);
-#pragma GCC unroll 8
-                for (int m = 0; m < M; m++) {
-                    __m512i xv = _mm512_loadu_si512(xb + m * K + k + 32 * t);
-#pragma GCC unroll 4
-                    for (int r = 0; r < R; r++) s[r][m] = _mm512_dpbf16_ps(s[r][m], (__m512bh)wt[r], (__m512bh)xv);
-                }
-            }
-#pragma GCC unroll 8
-            for (int r = 0; r < R; r++) {
-                __m512 a = _mm512_set1_ps(absmax[(n + r) * (K / 64) + k / 64 + b]);
-#pragma GCC unroll 8
-                for (int m = 0; m < M; m++) acc[r][m] = _mm512_fmadd_ps(s[r][m], a, acc[r][m]);
-            }
-        }
-    }
-    add_partials(R, M, acc, part);
-}
-#endif
 
 typedef struct {
     int fmt, ydt, bdt;
@@ -313,17 +289,15 @@ INLINE void tile(const Gemv *g, int fmt, int R, int M, int64_t n, int64_t k0, in
                  float *part)
 {
 #ifdef __AVX512BF16__
-    if (fmt == FMT_4BIT && g->xb) {
-        tile_4bit_bf16(R, M, n, g->w, g->scale, codebf, g->K, k0, k1, g->xb, part);
-        return;
-    }
     if (fmt == FMT_BF16 && g->xb) {
         tile_bf16_dot(R, M, n, g->w, g->K, k0, k1, g->xb, part);
         return;
     }
 #endif
-    if (fmt == FMT_4BIT)
-        tile_4bit(R, M, n, g->w, g->scale, code, g->K, k0, k1, g->xp, part);
+    if (fmt == FMT_4BIT && g->xb)
+        tile_4bit(1, R, M, n, g->w, g->scale, code, codebf, g->K, k0, k1, g->xp, g->xb, part);
+    else if (fmt == FMT_4BIT)
+        tile_4bit(0, R, M, n, g->w, g->scale, code, codebf, g->K, k0, k1, g->xp, g->xb, part);
     else
         tile_32(fmt, R, M, n, g->w, g->K, k0, k1, g->xp, part);
 }
@@ -637,6 +611,77 @@ static void attend_one(const void *q, const void *k, const void *v, int qdt, int
         store16_masked(out, 16 * c, odt, _mm512_mul_ps(acc[c], inv), c == chunks - 1 ? tail : 0xffff);
 }
 
+/* One decode step of attention for one (sequence, head), from the qkv projection of its new token ([q | k | v], D
+   values each): rotate query and key (GPT-NeoX half-split rotary on the first R channels, in fp32, rounded to the
+   activations' dtype as a separate rotary would store them), write key and value at position `pos` of the cache
+   (row stride st), then attend over positions 0..pos. */
+static void decode_one(const void *qkv, int dt, const void *cos, const void *sin, int64_t R, int64_t D, void *kc,
+                       void *vc, int64_t st, int64_t pos, float scale, const float *mask, void *out, float *s)
+{
+    float q[16 * MAX_HEAD_CHUNKS];
+#define AT(p, i) (dt == DT_BF16 ? bf16_to_f32(((const uint16_t *)(p))[i]) : ((const float *)(p))[i])
+    int64_t half = R / 2;
+    for (int64_t i = 0; i < D; i++) {
+        float qi = AT(qkv, i), ki = AT(qkv, D + i);
+        if (i < R) { /* x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1] */
+            int64_t j = i < half ? i + half : i - half;
+            float c = AT(cos, i), sn = i < half ? -AT(sin, i) : AT(sin, i);
+            qi = qi * c + AT(qkv, j) * sn;
+            ki = ki * c + AT(qkv, D + j) * sn;
+        }
+        if (dt == DT_BF16) {
+            q[i] = bf16_to_f32(f32_to_bf16(qi));
+            ((uint16_t *)kc)[pos * st + i] = f32_to_bf16(ki);
+            ((uint16_t *)vc)[pos * st + i] = ((const uint16_t *)qkv)[2 * D + i];
+        } else {
+            q[i] = qi;
+            ((float *)kc)[pos * st + i] = ki;
+            ((float *)vc)[pos * st + i] = ((const float *)qkv)[2 * D + i];
+        }
+    }
+#undef AT
+    attend_one(q, kc, vc, DT_F32, dt, pos + 1, D, st, scale, mask, out, dt, s);
+}
+
+static PyObject *py_decode_attention(PyObject *self, PyObject *args)
+{
+    unsigned long long qkv, cos, sin, kc, vc, mask, out;
+    int dt, nthreads;
+    Py_ssize_t B, H, D, R, sb, sh, st, pos;
+    float scale;
+    if (!PyArg_ParseTuple(args, "KiKKnnnnKKnnnnfKKi", &qkv, &dt, &cos, &sin, &B, &H, &D, &R, &kc, &vc, &sb, &sh, &st,
+                          &pos, &scale, &mask, &out, &nthreads))
+        return NULL;
+    if (B < 1 || H < 1 || D < 1 || D > 16 * MAX_HEAD_CHUNKS || R < 0 || R > D || R % 2 || pos < 0) {
+        PyErr_Format(PyExc_ValueError, "decode_attention: unsupported shape B=%zd H=%zd D=%zd R=%zd pos=%zd", B, H, D,
+                     R, pos);
+        return NULL;
+    }
+    size_t esize = dt == DT_BF16 ? 2 : 4;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *s = malloc((size_t)(pos + 1) * sizeof(float));
+        if (!s) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            if (!s) continue;
+            int64_t b = bh / H, h = bh % H, ko = (b * sb + h * sh) * (int64_t)esize;
+            decode_one((const char *)qkv + (b * H * 3 * D + h * 3 * D) * esize, dt, (const char *)cos + b * R * esize,
+                       (const char *)sin + b * R * esize, R, D, (char *)kc + ko, (char *)vc + ko, st, pos, scale,
+                       mask ? (const float *)mask + b * (pos + 1) : NULL, (char *)out + (b * H + h) * D * esize, s);
+        }
+        free(s);
+    }
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_attend(PyObject *self, PyObject *args)
 {
     unsigned long long q, k, v, mask, out;
@@ -682,6 +727,9 @@ static PyMethodDef methods[] = {
     {"attend", py_attend, METH_VARARGS,
      "attend(q, qdt, k, v, kdt, B, H, T, D, sb, sh, st, scale, mask, out, odt, nthreads): one-query attention over "
      "a KV cache; q/out [B,H,D], k/v strided (sb, sh, st), mask fp32 [B,T] additive or 0"},
+    {"decode_attention", py_decode_attention, METH_VARARGS,
+     "decode_attention(qkv, dt, cos, sin, B, H, D, R, kc, vc, sb, sh, st, pos, scale, mask, out, nthreads): rotary, "
+     "cache write at pos and attention for one new token per sequence"},
     {"quantize_4bit", py_quantize_4bit, METH_VARARGS,
      "quantize_4bit(idx, absmax, w, wdt, n, nf4, nthreads): code indices (uint8 [n]) and absmax (fp32 [n/64])"},
     {NULL, NULL, 0, NULL},

@@ -58,6 +58,21 @@ def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     elif name == "generate":
         parser.add_argument("prompt", nargs="?", default="-", help="the prompt; '-' or none reads it from stdin "
                                                                      "(a final newline is dropped)")
+    add_model_arguments(parser)
+    generation = parser.add_argument_group("generation")
+    sampling = generation.add_mutually_exclusive_group()
+    sampling.add_argument("--do-sample", dest="do_sample", action="store_true", default=None,
+                          help="sample the next token (the default)")
+    sampling.add_argument("--greedy", dest="do_sample", action="store_false", help="always take the most "
+                                                                                   "likely token")
+    for flag, kind, help_text in GENERATION_FLAGS:
+        generation.add_argument(flag, type=kind, help=help_text)
+    generation.add_argument("--stop", action="append", metavar="TEXT", help="stop once the generated text "
+                                                                           "contains TEXT (repeatable)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The "model" flags every command that loads a model shares (load_pipeline reads them); returns the group."""
     model = parser.add_argument_group("model")
     model.add_argument("--model", "-m", help="checkpoint directory or hub id (default: the bundled demo model)")
     model.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the model's)")
@@ -69,16 +84,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     model.add_argument("--revision", help="hub revision (branch, tag or commit)")
     model.add_argument("--quiet", "-q", action="store_true", help="no progress bars (shown on a terminal while the "
                                                                   "model downloads or loads)")
-    generation = parser.add_argument_group("generation")
-    sampling = generation.add_mutually_exclusive_group()
-    sampling.add_argument("--do-sample", dest="do_sample", action="store_true", default=None,
-                          help="sample the next token (the default)")
-    sampling.add_argument("--greedy", dest="do_sample", action="store_false", help="always take the most "
-                                                                                   "likely token")
-    for flag, kind, help_text in GENERATION_FLAGS:
-        generation.add_argument(flag, type=kind, help=help_text)
-    generation.add_argument("--stop", action="append", metavar="TEXT", help="stop once the generated text "
-                                                                           "contains TEXT (repeatable)")
+    return model
 
 
 def cli_main(args: argparse.Namespace, name: str) -> int:

@@ -226,3 +226,38 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                    sb, sh, st, scale, 0 if mask is None else mask.data_ptr(), out.data_ptr(), _DT[q.dtype],
                    torch.get_num_threads())
     return out
+
+
+def fused_decode_ready(qkv: torch.Tensor, heads: int) -> bool:
+    """Whether `decode_attention` can take this step: the native module, a CPU tensor in fp32/bf16 holding one new
+    token per sequence, no gradients."""
+    return (HAVE_NATIVE and qkv.device.type == "cpu" and qkv.dtype in _DT and qkv.dim() == 3 and qkv.shape[1] == 1
+            and qkv.shape[2] % (3 * heads) == 0 and qkv.shape[2] // (3 * heads) <= 256
+            and not torch.is_grad_enabled())
+
+
+def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                     values: torch.Tensor, position: int, heads: int, scale: float,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A decode step's attention in one native call: qkv [B, 1, H*3*D] (per head [q | k | v], as GPT-NeoX lays out
+    its projection); cos, sin [B, ..., R] for the new position; keys, values the cache buffers [B, H, >position, D]
+    (last dimension contiguous). Rotates query and key, writes key and value at `position`, attends over 0..position
+    (mask: additive [B or 1, 1, 1, position + 1] or None). Returns [B, 1, H*D] in qkv's dtype. The same arithmetic
+    as rotary + cache update + `attend`, with the rotation in fp32 rounded once (PyTorch rounds each bf16 op)."""
+    batch = qkv.shape[0]
+    dim = qkv.shape[2] // (3 * heads)
+    rot = cos.shape[-1]
+    if not fused_decode_ready(qkv, heads) or keys.shape[0] != batch or keys.shape[2] <= position \
+            or keys.stride() != values.stride() or keys.stride(-1) != 1 or keys.dtype != qkv.dtype:
+        raise InputError("decode_attention: these tensors do not suit the native kernel (check fused_decode_ready)")
+    qkv = qkv.contiguous()
+    cos = cos.to(qkv.dtype).reshape(-1, rot).expand(batch, rot).contiguous()
+    sin = sin.to(qkv.dtype).reshape(-1, rot).expand(batch, rot).contiguous()
+    if mask is not None:
+        mask = mask.to(torch.float32).expand(batch, 1, 1, position + 1).contiguous()
+    out = qkv.new_empty(batch, 1, heads * dim)
+    sb, sh, st, _ = keys.stride()
+    _native.decode_attention(qkv.data_ptr(), _DT[qkv.dtype], cos.data_ptr(), sin.data_ptr(), batch, heads, dim, rot,
+                             keys.data_ptr(), values.data_ptr(), sb, sh, st, position, scale,
+                             0 if mask is None else mask.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out

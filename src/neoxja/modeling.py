@@ -102,13 +102,19 @@ class KVCache:
     def update(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Append [B, NH, T, D] key/value; return views of everything cached for this layer."""
         start, new = self.lengths[layer], key.shape[2]
-        buf = self.keys[layer]
-        if buf is None or buf.shape[2] < start + new or buf.shape[0] != key.shape[0]:
-            self._grow(layer, key, value, start + new)
+        self.reserve(layer, key, value, new)
         self.keys[layer][:, :, start:start + new] = key  # type: ignore[index]
         self.values[layer][:, :, start:start + new] = value  # type: ignore[index]
         self.lengths[layer] = start + new
         return self[layer]
+
+    def reserve(self, layer: int, key: Tensor, value: Tensor, new: int) -> tuple[Tensor, Tensor]:
+        """Make room for `new` more positions in `layer` (key/value: shaped [B, NH, *, D] like what will be stored);
+        returns the layer's whole key and value buffers."""
+        buf = self.keys[layer]
+        if buf is None or buf.shape[2] < self.lengths[layer] + new or buf.shape[0] != key.shape[0]:
+            self._grow(layer, key, value, self.lengths[layer] + new)
+        return self.keys[layer], self.values[layer]  # type: ignore[return-value]
 
     def _grow(self, layer: int, key: Tensor, value: Tensor, needed: int) -> None:
         old_k, old_v, n = self.keys[layer], self.values[layer], self.lengths[layer]
@@ -321,7 +327,19 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None,
                 head_mask: Tensor | None = None, output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
         batch, length, _ = x.shape
-        qkv = self.query_key_value(x).view(batch, length, self.num_heads, 3 * self.head_dim).transpose(1, 2)
+        qkv = self.query_key_value(x)
+        dropout = self.dropout if self.training else 0.0
+        if (length == 1 and cache is not None and not (output_attentions or head_mask is not None or dropout)
+                and kernels.fused_decode_ready(qkv, self.num_heads)):  # decoding: rotary, cache write, attention
+            template = qkv.new_empty(batch, self.num_heads, 1, self.head_dim)
+            keys, values = cache.reserve(self.layer_index, template, template, 1)
+            if keys.dtype == qkv.dtype and keys.stride(-1) == 1 and keys.stride() == values.stride():
+                position = cache.lengths[self.layer_index]
+                out = kernels.decode_attention(qkv, cos, sin, keys, values, position, self.num_heads, self.scale,
+                                               mask)
+                cache.lengths[self.layer_index] = position + 1
+                return self._output(out), None
+        qkv = qkv.view(batch, length, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         # queries and keys rotate together: half the elementwise calls, which a decode step pays per layer
         qk = apply_rotary(qkv[..., : 2 * self.head_dim].unflatten(-1, (2, self.head_dim)), cos[..., None, :],
                           sin[..., None, :])
@@ -329,7 +347,6 @@ class Attention(nn.Module):
         v = qkv[..., 2 * self.head_dim:]
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        dropout = self.dropout if self.training else 0.0
         if output_attentions or head_mask is not None:
             out, probs = self._explicit_attention(q, k, v, mask, dropout, head_mask)
         elif length == 1 and not dropout:  # decoding: one query per sequence
@@ -339,10 +356,11 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
                                                  scale=self.scale)
             probs = None
-        out = self.dense(out.transpose(1, 2).reshape(batch, length, -1))
-        if self.dense_bias is not None:
-            out = out + self.dense_bias
-        return out, probs
+        return self._output(out.transpose(1, 2).reshape(batch, length, -1)), probs
+
+    def _output(self, heads: Tensor) -> Tensor:
+        out = self.dense(heads)
+        return out + self.dense_bias if self.dense_bias is not None else out
 
     def _explicit_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float,
                             head_mask: Tensor | None) -> tuple[Tensor, Tensor]:

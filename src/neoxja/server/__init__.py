@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 
+from ..commands import add_model_arguments
 from ..errors import InputError
 
 API_KEY_ENV = "NEOXJA_API_KEY"
@@ -25,17 +26,8 @@ The API key may also come from ${API_KEY_ENV} (keeps it out of the process list)
 def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", "-m", help="checkpoint directory or hub id (default: the bundled demo model)")
-    model.add_argument("--tokenizer", help="tokenizer directory or hub id (default: the model's)")
+    model = add_model_arguments(parser)
     model.add_argument("--served-model-name", help="the model id clients use (default: --model as given)")
-    model.add_argument("--device", help="cpu, cuda, cuda:N, auto, or a GPU index (-1 = CPU); without CUDA a GPU "
-                                        "falls back to the CPU with a warning (default: cpu)")
-    model.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="weight dtype (default: the checkpoint's)")
-    model.add_argument("--quantize", choices=["int8", "nf4"], help="quantize the weights while loading")
-    model.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    model.add_argument("--quiet", "-q", action="store_true", help="no progress bars while the model loads")
     http = parser.add_argument_group("server")
     http.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
                                                           "only; 0.0.0.0 exposes the server to the network)")
