@@ -13,52 +13,79 @@ from conftest import japanese_reference
 import neoxja
 from neoxja import kernels
 from neoxja.evaluation import perplexity
-from neoxja.modeling import Linear
+from neoxja.modeling import Linear, apply_rotary
 from neoxja.pipelines import DEMO_MODEL_DIR
 from rinna_fixtures import shared_data_dir
 
-pytestmark = pytest.mark.skipif(not kernels.HAVE_NATIVE, reason="the native kernels are not built on this machine")
 
 
-def _cache_views(batch: int, heads: int, length: int, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """Key/value views into larger buffers, as the KV cache hands them out (strided along time)."""
-    gen = torch.Generator().manual_seed(length * dim)
-    buffers = [torch.randn(batch, heads, length + 11, dim, generator=gen).to(dtype) for _ in range(2)]
-    q = torch.randn(batch, heads, 1, dim, generator=gen).to(dtype)
-    return q, buffers[0][:, :, :length], buffers[1][:, :, :length]
+def _require_native() -> None:
+    if not kernels.HAVE_NATIVE:
+        pytest.fail("neoxja._kernels is not built: see test_quantization.py::test_native_kernels_are_built")
 
 
-@pytest.mark.parametrize("dim", [80, 88, 16, 8])  # ABEJA 2.7B, rinna 3.6B, the test models, a partial vector
-@pytest.mark.parametrize("length", [1, 37])
-def test_attend_matches_sdpa(dim: int, length: int):
-    q, k, v = _cache_views(3, 4, length, dim, torch.float32)
-    mask = torch.zeros(3, 1, 1, length)
-    mask[1, ..., : length // 2] = torch.finfo(torch.float32).min  # left padding of row 1
+def _decode_case(batch: int, heads: int, position: int, dim: int, rot: int, dtype: torch.dtype):
+    """The new token's qkv projection [B, 1, H*3*D], its cos/sin [B, 1, 1, R], and cache buffers holding `position`
+    earlier keys/values, larger than that (strided along time, as the KV cache hands them out)."""
+    gen = torch.Generator().manual_seed(position * dim + rot)
+    qkv = torch.randn(batch, 1, heads * 3 * dim, generator=gen).to(dtype)
+    angles = torch.rand(batch, 1, 1, rot // 2, generator=gen) * 6
+    cos, sin = (torch.cat((f(angles), f(angles)), dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+    keys, values = (torch.randn(batch, heads, position + 11, dim, generator=gen).to(dtype) for _ in range(2))
+    return qkv, cos, sin, keys, values
+
+
+def _separate_ops(qkv, cos, sin, keys, values, position, heads, scale, mask, rotate_dtype):
+    """Rotary, cache write and attention as separate PyTorch ops, rotating in `rotate_dtype`."""
+    batch, dim = qkv.shape[0], qkv.shape[2] // (3 * heads)
+    q, k, v = qkv.view(batch, 1, heads, 3 * dim).transpose(1, 2).float().split(dim, dim=-1)
+    q, k = (apply_rotary(t.to(rotate_dtype), cos.to(rotate_dtype), sin.to(rotate_dtype)).to(qkv.dtype).float()
+            for t in (q, k))
+    keys, values = keys.clone(), values.clone()
+    keys[:, :, position:position + 1], values[:, :, position:position + 1] = k.to(keys.dtype), v.to(keys.dtype)
+    k_all, v_all = keys[:, :, :position + 1].float(), values[:, :, :position + 1].float()
+    out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=None if mask is None else mask.float(),
+                                         scale=scale)
+    return out.transpose(1, 2).reshape(batch, 1, heads * dim), keys, values
+
+
+@pytest.mark.parametrize("dim, rot", [(80, 80), (88, 88), (16, 8), (8, 8)])  # ABEJA, rinna, partial rotary, short
+@pytest.mark.parametrize("position", [0, 36])
+def test_decode_attention_equals_the_separate_ops(dim: int, rot: int, position: int):
+    _require_native()
+    qkv, cos, sin, keys, values = _decode_case(3, 4, position, dim, rot, torch.float32)
+    mask = torch.zeros(3, 1, 1, position + 1)
+    mask[1, ..., : position // 2] = torch.finfo(torch.float32).min  # left padding of row 1
     for m in (None, mask):
+        k_buf, v_buf = keys.clone(), values.clone()
         with torch.no_grad():
-            got = kernels.attend(q, k, v, 0.25, m)
-        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.25)
+            got = kernels.decode_attention(qkv, cos, sin, k_buf, v_buf, position, 4, 0.25, m)
+        expected, k_exp, v_exp = _separate_ops(qkv, cos, sin, keys, values, position, 4, 0.25, m, torch.float32)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(k_buf, k_exp, rtol=1e-6, atol=1e-6)  # the new key, rotated, and nothing else
+        assert torch.equal(v_buf, v_exp)
 
 
-def test_attend_bf16_rounds_once():
-    q, k, v = _cache_views(2, 32, 70, 80, torch.bfloat16)
+def test_decode_attention_bf16_rounds_once():
+    _require_native()
+    qkv, cos, sin, keys, values = _decode_case(2, 32, 69, 80, 80, torch.bfloat16)
     mask = torch.zeros(2, 1, 1, 70, dtype=torch.bfloat16)
     mask[0, ..., :9] = torch.finfo(torch.bfloat16).min
     with torch.no_grad():
-        got = kernels.attend(q, k, v, 80 ** -0.5, mask)
-    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float(), scale=80 ** -0.5)
+        got = kernels.decode_attention(qkv, cos, sin, keys.clone(), values.clone(), 69, 32, 80 ** -0.5, mask)
+    # rotation in fp32 rounded to bf16 once, then attention in fp32: the result within one bf16 rounding
+    exact, _, _ = _separate_ops(qkv, cos, sin, keys, values, 69, 32, 80 ** -0.5, mask, torch.float32)
     assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got, exact.bfloat16(), rtol=0, atol=0.01)  # within one bf16 rounding of the fp32 result
+    torch.testing.assert_close(got, exact.bfloat16(), rtol=0, atol=0.01)
 
 
-def test_attend_takes_pytorch_path_for_gradients():
-    q, k, v = _cache_views(1, 2, 5, 16, torch.float32)
-    q.requires_grad_(True)
-    out = kernels.attend(q, k, v, 0.5)
-    out.sum().backward()
-    assert q.grad is not None
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.5))
+def test_decode_attention_only_without_gradients():
+    qkv = torch.zeros(1, 1, 2 * 3 * 16)
+    with torch.no_grad():
+        assert kernels.fused_decode_ready(qkv, 2) == kernels.HAVE_NATIVE
+    assert not kernels.fused_decode_ready(qkv, 2)  # autograd needs the PyTorch ops
+    with torch.no_grad():
+        assert not kernels.fused_decode_ready(torch.zeros(1, 2, 96), 2)  # prefill: more than one token
 
 
 def test_bf16_linear_runs_the_kernel_at_inference_and_autograd_in_training():
@@ -131,8 +158,9 @@ def test_quantization_barely_changes_demo_model_perplexity(tmp_path: Path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_decode_step_equals_the_separate_ops(tmp_path: Path, monkeypatch, dtype: torch.dtype):
-    """kernels.decode_attention (rotary + cache write + attention in one call) against rotary, KVCache.update and
-    attend as separate ops: partial rotary, a left-padded batch, a cache buffer larger than its contents."""
+    """The model's decode step with kernels.decode_attention against its PyTorch path (rotary, KVCache.update,
+    SDPA): partial rotary, a left-padded batch, a cache buffer larger than its contents."""
+    _require_native()
     japanese_reference(rotary_pct=0.5, hidden_size=96, num_attention_heads=4).save_pretrained(tmp_path)
     model = neoxja.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype)
     ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))

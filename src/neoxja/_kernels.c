@@ -575,14 +575,14 @@ INLINE __m512 exp_nonpositive(__m512 x)
 enum { MAX_HEAD_CHUNKS = 16 }; /* head_dim <= 256 */
 
 /* softmax(q . k_t * scale + mask_t) weighted sum of v_t for one (sequence, head); `s` is scratch for T scores */
-static void attend_one(const void *q, const void *k, const void *v, int qdt, int kdt, int64_t T, int64_t D,
-                       int64_t st, float scale, const float *mask, void *out, int odt, float *s)
+static void attend_one(const float *q, const void *k, const void *v, int kdt, int64_t T, int64_t D, int64_t st,
+                       float scale, const float *mask, void *out, int odt, float *s)
 {
     int chunks = (int)((D + 15) / 16);
     __mmask16 tail = (__mmask16)((1u << (D - 16 * (chunks - 1))) - 1u);
     __m512 qv[MAX_HEAD_CHUNKS], acc[MAX_HEAD_CHUNKS];
     for (int c = 0; c < chunks; c++) {
-        qv[c] = load16_masked(q, 16 * c, qdt, c == chunks - 1 ? tail : 0xffff);
+        qv[c] = load16_masked(q, 16 * c, DT_F32, c == chunks - 1 ? tail : 0xffff);
         acc[c] = _mm512_setzero_ps();
     }
     float top = -INFINITY;
@@ -640,7 +640,7 @@ static void decode_one(const void *qkv, int dt, const void *cos, const void *sin
         }
     }
 #undef AT
-    attend_one(q, kc, vc, DT_F32, dt, pos + 1, D, st, scale, mask, out, dt, s);
+    attend_one(q, kc, vc, dt, pos + 1, D, st, scale, mask, out, dt, s);
 }
 
 static PyObject *py_decode_attention(PyObject *self, PyObject *args)
@@ -682,51 +682,11 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-static PyObject *py_attend(PyObject *self, PyObject *args)
-{
-    unsigned long long q, k, v, mask, out;
-    int qdt, kdt, odt, nthreads;
-    Py_ssize_t B, H, T, D, sb, sh, st;
-    float scale;
-    if (!PyArg_ParseTuple(args, "KiKKinnnnnnnfKKii", &q, &qdt, &k, &v, &kdt, &B, &H, &T, &D, &sb, &sh, &st, &scale,
-                          &mask, &out, &odt, &nthreads))
-        return NULL;
-    if (B < 1 || H < 1 || T < 1 || D < 1 || D > 16 * MAX_HEAD_CHUNKS) {
-        PyErr_Format(PyExc_ValueError, "attend: unsupported shape B=%zd H=%zd T=%zd D=%zd", B, H, T, D);
-        return NULL;
-    }
-    int failed = 0;
-    Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel num_threads(nthreads)
-    {
-        float *s = malloc((size_t)T * sizeof(float));
-        if (!s) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < B * H; bh++) {
-            if (!s) continue;
-            int64_t b = bh / H, h = bh % H, qo = bh * D, ko = b * sb + h * sh;
-            size_t qsz = qdt == DT_BF16 ? 2 : 4, ksz = kdt == DT_BF16 ? 2 : 4, osz = odt == DT_BF16 ? 2 : 4;
-            attend_one((const char *)q + qo * qsz, (const char *)k + ko * ksz, (const char *)v + ko * ksz, qdt, kdt,
-                       T, D, st, scale, mask ? (const float *)mask + b * T : NULL, (char *)out + qo * osz, odt, s);
-        }
-        free(s);
-    }
-    Py_END_ALLOW_THREADS
-    if (failed) return PyErr_NoMemory();
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef methods[] = {
     {"gemv", py_gemv, METH_VARARGS,
      "gemv(fmt, y, ydt, x, xdt, w, scale, code, bias, bdt, M, N, K, nthreads): y[M,N] = x[M,K] @ W[N,K]^T (+ bias)"},
     {"dequantize", py_dequantize, METH_VARARGS,
      "dequantize(fmt, out, odt, w, scale, code, N, K, nthreads): out[N,K] = decoded weights"},
-    {"attend", py_attend, METH_VARARGS,
-     "attend(q, qdt, k, v, kdt, B, H, T, D, sb, sh, st, scale, mask, out, odt, nthreads): one-query attention over "
-     "a KV cache; q/out [B,H,D], k/v strided (sb, sh, st), mask fp32 [B,T] additive or 0"},
     {"decode_attention", py_decode_attention, METH_VARARGS,
      "decode_attention(qkv, dt, cos, sin, B, H, D, R, kc, vc, sb, sh, st, pos, scale, mask, out, nthreads): rotary, "
      "cache write at pos and attention for one new token per sequence"},

@@ -203,31 +203,6 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, cod
 # ---- decode attention ----
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-           mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v for ONE new query per sequence: q [B, H, 1, D]; k, v [B, H, T, D] (views of
-    the KV cache, last dimension contiguous); mask additive [B or 1, 1, 1, T] or None. Scores, softmax and sums are
-    fp32 (the result is rounded once to q's dtype). PyTorch's attention pays a fixed cost per call that exceeds the
-    work at this size, bf16 most of all (benchmarks/decode.py)."""
-    batch, heads, length, dim = k.shape
-    usable = (
-        HAVE_NATIVE and q.shape == (batch, heads, 1, dim) and v.shape == k.shape and v.stride() == k.stride()
-        and k.stride(-1) == 1 and q.dtype in _DT and k.dtype in _DT and v.dtype == k.dtype
-        and not torch.is_grad_enabled() and q.device.type == "cpu"
-    )
-    if not usable:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    q = q.contiguous()
-    out = torch.empty_like(q)
-    if mask is not None:
-        mask = mask.to(torch.float32).expand(batch, 1, 1, length).contiguous()
-    sb, sh, st, _ = k.stride()
-    _native.attend(q.data_ptr(), _DT[q.dtype], k.data_ptr(), v.data_ptr(), _DT[k.dtype], batch, heads, length, dim,
-                   sb, sh, st, scale, 0 if mask is None else mask.data_ptr(), out.data_ptr(), _DT[q.dtype],
-                   torch.get_num_threads())
-    return out
-
-
 def fused_decode_ready(qkv: torch.Tensor, heads: int) -> bool:
     """Whether `decode_attention` can take this step: the native module, a CPU tensor in fp32/bf16 holding one new
     token per sequence, no gradients."""
@@ -243,7 +218,9 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ke
     its projection); cos, sin [B, ..., R] for the new position; keys, values the cache buffers [B, H, >position, D]
     (last dimension contiguous). Rotates query and key, writes key and value at `position`, attends over 0..position
     (mask: additive [B or 1, 1, 1, position + 1] or None). Returns [B, 1, H*D] in qkv's dtype. The same arithmetic
-    as rotary + cache update + `attend`, with the rotation in fp32 rounded once (PyTorch rounds each bf16 op)."""
+    as rotary + cache update + one-query attention with fp32 scores and sums, the rotation in fp32 rounded once
+    (PyTorch rounds each bf16 op). PyTorch's attention pays a fixed cost per call that exceeds the work at this
+    size, bf16 most of all (~1 ms per layer at 512 cached tokens)."""
     batch = qkv.shape[0]
     dim = qkv.shape[2] // (3 * heads)
     rot = cos.shape[-1]

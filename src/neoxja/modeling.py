@@ -102,29 +102,26 @@ class KVCache:
     def update(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Append [B, NH, T, D] key/value; return views of everything cached for this layer."""
         start, new = self.lengths[layer], key.shape[2]
-        self.reserve(layer, key, value, new)
+        self.reserve(layer, new, key, key.shape[:2], key.shape[3], value.shape[3])
         self.keys[layer][:, :, start:start + new] = key  # type: ignore[index]
         self.values[layer][:, :, start:start + new] = value  # type: ignore[index]
         self.lengths[layer] = start + new
         return self[layer]
 
-    def reserve(self, layer: int, key: Tensor, value: Tensor, new: int) -> tuple[Tensor, Tensor]:
-        """Make room for `new` more positions in `layer` (key/value: shaped [B, NH, *, D] like what will be stored);
-        returns the layer's whole key and value buffers."""
+    def reserve(self, layer: int, new: int, like: Tensor, batch_heads: tuple[int, int] | torch.Size, key_dim: int,
+                value_dim: int) -> tuple[Tensor, Tensor]:
+        """Make room for `new` more positions of [batch, heads] rows in `layer` (buffers get `like`'s dtype and
+        device); returns the layer's whole key and value buffers."""
         buf = self.keys[layer]
-        if buf is None or buf.shape[2] < self.lengths[layer] + new or buf.shape[0] != key.shape[0]:
-            self._grow(layer, key, value, self.lengths[layer] + new)
+        if buf is None or buf.shape[2] < self.lengths[layer] + new or buf.shape[0] != batch_heads[0]:
+            old_k, old_v, n = buf, self.values[layer], self.lengths[layer]
+            size = max(self.lengths[layer] + new, self.capacity, 2 * (old_k.shape[2] if old_k is not None else 0))
+            self.keys[layer] = like.new_empty((*batch_heads, size, key_dim))
+            self.values[layer] = like.new_empty((*batch_heads, size, value_dim))
+            if old_k is not None and n:
+                self.keys[layer][:, :, :n] = old_k[:, :, :n]  # type: ignore[index]
+                self.values[layer][:, :, :n] = old_v[:, :, :n]  # type: ignore[index]
         return self.keys[layer], self.values[layer]  # type: ignore[return-value]
-
-    def _grow(self, layer: int, key: Tensor, value: Tensor, needed: int) -> None:
-        old_k, old_v, n = self.keys[layer], self.values[layer], self.lengths[layer]
-        size = max(needed, self.capacity, 2 * (old_k.shape[2] if old_k is not None else 0))
-        shape = (key.shape[0], key.shape[1], size, key.shape[3])
-        self.keys[layer] = key.new_empty(shape)
-        self.values[layer] = value.new_empty(shape[:3] + (value.shape[3],))
-        if old_k is not None and n:
-            self.keys[layer][:, :, :n] = old_k[:, :, :n]  # type: ignore[index]
-            self.values[layer][:, :, :n] = old_v[:, :, :n]  # type: ignore[index]
 
     def select_batch(self, index: Tensor) -> None:
         """Keep only the batch rows in `index` (in that order)."""
@@ -331,8 +328,8 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if (length == 1 and cache is not None and not (output_attentions or head_mask is not None or dropout)
                 and kernels.fused_decode_ready(qkv, self.num_heads)):  # decoding: rotary, cache write, attention
-            template = qkv.new_empty(batch, self.num_heads, 1, self.head_dim)
-            keys, values = cache.reserve(self.layer_index, template, template, 1)
+            keys, values = cache.reserve(self.layer_index, 1, qkv, (batch, self.num_heads), self.head_dim,
+                                         self.head_dim)
             if keys.dtype == qkv.dtype and keys.stride(-1) == 1 and keys.stride() == values.stride():
                 position = cache.lengths[self.layer_index]
                 out = kernels.decode_attention(qkv, cos, sin, keys, values, position, self.num_heads, self.scale,
@@ -349,8 +346,6 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_index, k, v)
         if output_attentions or head_mask is not None:
             out, probs = self._explicit_attention(q, k, v, mask, dropout, head_mask)
-        elif length == 1 and not dropout:  # decoding: one query per sequence
-            out, probs = kernels.attend(q, k, v, self.scale, mask), None
         else:
             causal = mask is None and length > 1
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
