@@ -286,6 +286,26 @@ def test_native_and_fallback_agree(monkeypatch):
                 _check_close(native, fallback.double())
 
 
+def test_batch1_gemv_over_row_counts_and_threads(native: bool):
+    """Batch-1 decoding cuts each thread's rows into runs read side by side (see STREAMS in _kernels.c): every row
+    count, including fewer rows than a tile and counts that leave single rows over, must give every output."""
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 7, 9, 17, 63, 130):
+            lin = _linear(n, 256, bias=True, seed=n)
+            w, b = lin.weight.detach().bfloat16(), lin.bias.detach()
+            layers = {kind: make(lin) for kind, make in LAYERS.items()}
+            for count in (1, 2, 3):
+                torch.set_num_threads(count)
+                x = torch.randn(1, 256)
+                _check_close(kernels.linear_bf16(x.bfloat16(), w, b.bfloat16()),
+                             F.linear(x.bfloat16().double(), w.double(), b.bfloat16().double()))
+                for kind, layer in layers.items():
+                    _check_close(layer(x), F.linear(x.double(), layer.dequantize().double(), b.double()))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_linear_bf16(native: bool):
     lin = _linear(96, 320)
     w, b = lin.weight.detach().bfloat16(), lin.bias.detach().bfloat16()

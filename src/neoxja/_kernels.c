@@ -140,11 +140,18 @@ INLINE void decode4(__m512i line, int t, __m512 code, __m512 *w0, __m512 *w1)
 }
 
 /* ---- GEMV: y[m, n] = sum_k x[m, k] w[n, k] (* SCB[n] / 127 for int8) + bias[n] ----
-   A tile is R rows x M activation rows over one block of K; its sums are added to part[r * M + m].
-   PREFETCH: a tile reads R rows side by side, each a short stream (a 2560-wide 4-bit row is 20 cache lines) that
-   the hardware prefetcher hardly ramps up on before it ends. The rows of the next tile follow in memory, so each
-   line read also asks for the same line of the next tile, into L2; that alone raised single-thread streaming by
-   15-60 % here (benchmarks/matmul.py). */
+   A tile is R rows x M activation rows over one block of K: rows n, n + stride, ..., n + (R-1) stride; its sums are
+   added to part[r * stride * M + m].
+   PREFETCH: with contiguous tiles (stride 1) a tile reads R rows side by side, each a short stream (a 2560-wide
+   4-bit row is 20 cache lines) that the hardware prefetcher hardly ramps up on before it ends. The rows of the next
+   tile follow in memory, so each line read also asks for the same line `ahead` rows further (the next tile), into
+   L2; that alone raised single-thread streaming by 15-60 % here (benchmarks/matmul.py). With strided tiles (see
+   STREAMS) `ahead` is counted in rows of the same stream.
+   STREAMS (M = 1): a thread's rows are cut into R runs and a tile takes the i-th row of every run, so the thread
+   reads R long sequential streams instead of R short ones per tile. Measured on 2 cores with 1 GiB of weights
+   (benchmarks/matmul.py, quiet host): bf16 48 -> 57 GB/s with a prefetch 2 rows ahead, 4-bit 43 -> 45 GB/s with none
+   (its decoding work leaves the prefetcher time); int8, whose decoding costs most, stays on contiguous tiles
+   (53 GB/s there, 49-52 strided). */
 
 INLINE void zero(int R, int M, __m512 acc[][MAX_M])
 {
@@ -154,14 +161,14 @@ INLINE void zero(int R, int M, __m512 acc[][MAX_M])
         for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
 }
 
-INLINE void add_partials(int R, int M, __m512 acc[][MAX_M], float *part)
+INLINE void add_partials(int R, int M, int64_t stride, __m512 acc[][MAX_M], float *part)
 {
     for (int r = 0; r < R; r++)
-        for (int m = 0; m < M; m++) part[r * M + m] += _mm512_reduce_add_ps(acc[r][m]);
+        for (int m = 0; m < M; m++) part[r * stride * M + m] += _mm512_reduce_add_ps(acc[r][m]);
 }
 
-INLINE void tile_32(int fmt, int R, int M, int64_t n, const void *w, int64_t K, int64_t k0, int64_t k1,
-                    const float *xp, float *part)
+INLINE void tile_32(int fmt, int R, int M, int64_t n, int64_t stride, int ahead, const void *w, int64_t K,
+                    int64_t k0, int64_t k1, const float *xp, float *part)
 {
     size_t esize = fmt == FMT_BF16 ? 2 : 1;
     __m512 acc[8][MAX_M];
@@ -170,8 +177,8 @@ INLINE void tile_32(int fmt, int R, int M, int64_t n, const void *w, int64_t K, 
         __m512 w0[8], w1[8];
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
-            const char *row = (const char *)w + (n + r) * K * esize;
-            _mm_prefetch(row + R * K * esize + k * esize, _MM_HINT_T1); /* see PREFETCH */
+            const char *row = (const char *)w + (n + r * stride) * K * esize;
+            if (ahead) _mm_prefetch(row + (ahead * K + k) * esize, _MM_HINT_T1); /* see PREFETCH */
             decode32(fmt, row, k, &w0[r], &w1[r]);
         }
 #pragma GCC unroll 8
@@ -182,14 +189,14 @@ INLINE void tile_32(int fmt, int R, int M, int64_t n, const void *w, int64_t K, 
                 acc[r][m] = _mm512_fmadd_ps(w1[r], xb, _mm512_fmadd_ps(w0[r], xa, acc[r][m]));
         }
     }
-    add_partials(R, M, acc, part);
+    add_partials(R, M, stride, acc, part);
 }
 
 #ifdef __AVX512BF16__
 /* bf16 weights times bf16 activations (AVX512-BF16): vdpbf16ps multiplies 32 pairs exactly and sums them in fp32, so
    the raw weights need no decoding at all and batched decode (M > 1), which is compute-bound, runs twice as fast. */
-INLINE void tile_bf16_dot(int R, int M, int64_t n, const uint16_t *w, int64_t K, int64_t k0, int64_t k1,
-                          const uint16_t *xb, float *part)
+INLINE void tile_bf16_dot(int R, int M, int64_t n, int64_t stride, int ahead, const uint16_t *w, int64_t K,
+                          int64_t k0, int64_t k1, const uint16_t *xb, float *part)
 {
     __m512 acc[8][MAX_M];
     zero(R, M, acc);
@@ -197,8 +204,8 @@ INLINE void tile_bf16_dot(int R, int M, int64_t n, const uint16_t *w, int64_t K,
         __m512i wv[8];
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
-            const uint16_t *row = w + (n + r) * K;
-            _mm_prefetch((const char *)(row + R * K + k), _MM_HINT_T1); /* see PREFETCH */
+            const uint16_t *row = w + (n + r * stride) * K;
+            if (ahead) _mm_prefetch((const char *)(row + ahead * K + k), _MM_HINT_T1); /* see PREFETCH */
             wv[r] = _mm512_loadu_si512(row + k);
         }
 #pragma GCC unroll 8
@@ -208,16 +215,16 @@ INLINE void tile_bf16_dot(int R, int M, int64_t n, const uint16_t *w, int64_t K,
             for (int r = 0; r < R; r++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv[r], (__m512bh)xv);
         }
     }
-    add_partials(R, M, acc, part);
+    add_partials(R, M, stride, acc, part);
 }
 #endif
 
 /* Per 64-weight block the code values are summed first and the block's absmax multiplies the sum: one FMA per block
    instead of one multiply per weight (same result up to fp32 rounding). K = row length padded to 128. `dot` (a
    compile-time constant at each call) picks the bf16 path (xb, codebf) or the fp32 one (xp, code). */
-INLINE void tile_4bit(int dot, int R, int M, int64_t n, const uint8_t *w, const float *absmax, __m512 code,
-                      __m512i codebf, int64_t K, int64_t k0, int64_t k1, const float *xp, const uint16_t *xb,
-                      float *part)
+INLINE void tile_4bit(int dot, int R, int M, int64_t n, int64_t stride, int ahead, const uint8_t *w,
+                      const float *absmax, __m512 code, __m512i codebf, int64_t K, int64_t k0, int64_t k1,
+                      const float *xp, const uint16_t *xb, float *part)
 {
     __m512 acc[4][MAX_M];
     zero(R, M, acc);
@@ -225,8 +232,8 @@ INLINE void tile_4bit(int dot, int R, int M, int64_t n, const uint8_t *w, const 
         __m512i line[4];
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
-            const uint8_t *p = w + (n + r) * (K / 2) + k / 2;
-            _mm_prefetch((const char *)p + R * (K / 2), _MM_HINT_T1); /* see PREFETCH */
+            const uint8_t *p = w + (n + r * stride) * (K / 2) + k / 2;
+            if (ahead) _mm_prefetch((const char *)p + ahead * (K / 2), _MM_HINT_T1); /* see PREFETCH */
             line[r] = _mm512_loadu_si512(p);
         }
 #pragma GCC unroll 2
@@ -264,13 +271,13 @@ INLINE void tile_4bit(int dot, int R, int M, int64_t n, const uint8_t *w, const 
             }
 #pragma GCC unroll 8
             for (int r = 0; r < R; r++) {
-                __m512 a = _mm512_set1_ps(absmax[(n + r) * (K / 64) + k / 64 + b]);
+                __m512 a = _mm512_set1_ps(absmax[(n + r * stride) * (K / 64) + k / 64 + b]);
 #pragma GCC unroll 8
                 for (int m = 0; m < M; m++) acc[r][m] = _mm512_fmadd_ps(s[r][m], a, acc[r][m]);
             }
         }
     }
-    add_partials(R, M, acc, part);
+    add_partials(R, M, stride, acc, part);
 }
 
 typedef struct {
@@ -285,24 +292,25 @@ typedef struct {
     void *y;
 } Gemv;
 
-INLINE void tile(const Gemv *g, int fmt, int R, int M, int64_t n, int64_t k0, int64_t k1, __m512 code, __m512i codebf,
-                 float *part)
+INLINE void tile(const Gemv *g, int fmt, int R, int M, int64_t n, int64_t stride, int ahead, int64_t k0, int64_t k1,
+                 __m512 code, __m512i codebf, float *part)
 {
 #ifdef __AVX512BF16__
     if (fmt == FMT_BF16 && g->xb) {
-        tile_bf16_dot(R, M, n, g->w, g->K, k0, k1, g->xb, part);
+        tile_bf16_dot(R, M, n, stride, ahead, g->w, g->K, k0, k1, g->xb, part);
         return;
     }
 #endif
     if (fmt == FMT_4BIT && g->xb)
-        tile_4bit(1, R, M, n, g->w, g->scale, code, codebf, g->K, k0, k1, g->xp, g->xb, part);
+        tile_4bit(1, R, M, n, stride, ahead, g->w, g->scale, code, codebf, g->K, k0, k1, g->xp, g->xb, part);
     else if (fmt == FMT_4BIT)
-        tile_4bit(0, R, M, n, g->w, g->scale, code, codebf, g->K, k0, k1, g->xp, g->xb, part);
+        tile_4bit(0, R, M, n, stride, ahead, g->w, g->scale, code, codebf, g->K, k0, k1, g->xp, g->xb, part);
     else
-        tile_32(fmt, R, M, n, g->w, g->K, k0, k1, g->xp, part);
+        tile_32(fmt, R, M, n, stride, ahead, g->w, g->K, k0, k1, g->xp, part);
 }
 
-/* Rows [n0, n1): R-row tiles and single rows for the remainder, then scale, bias and store. For M > 1, K is walked
+/* Rows [n0, n1): R-row tiles (strided for M = 1, see STREAMS) and single rows for the remainder, then scale, bias and
+   store. For M > 1, K is walked
    in blocks whose activations (M x kblock fp32, 16 KB) stay in L1 while all the rows go by; one activation row is
    small enough to stream from L2, and then each weight row is read in one sequential run. The format, R and M are
    compile-time constants at every call site, so each (format, R, M) gets its own unrolled, register-resident copy. */
@@ -314,11 +322,17 @@ INLINE void gemv_rows(const Gemv *g, int fmt, int R, int M, int64_t n0, int64_t 
     for (int i = 0; i < 32; i++) table[i] = fmt == FMT_4BIT ? f32_to_bf16(g->code[i & 15]) : 0;
     __m512i codebf = _mm512_loadu_si512(table);
     memset(part, 0, (size_t)((n1 - n0) * M) * sizeof(float));
-    for (int64_t k0 = 0; k0 < g->K; k0 += kblock) {
-        int64_t k1 = k0 + kblock < g->K ? k0 + kblock : g->K, n = n0;
-        for (; n + R <= n1; n += R) tile(g, fmt, R, M, n, k0, k1, code, codebf, part + (n - n0) * M);
-        for (; n < n1; n++) tile(g, fmt, 1, M, n, k0, k1, code, codebf, part + (n - n0) * M);
-    }
+    if (M == 1 && fmt != FMT_INT8) { /* see STREAMS */
+        int64_t run = (n1 - n0) / R, n = n0 + R * run;
+        int ahead = fmt == FMT_BF16 ? 2 : 0;
+        for (int64_t i = 0; i < run; i++) tile(g, fmt, R, M, n0 + i, run, ahead, 0, g->K, code, codebf, part + i);
+        for (; n < n1; n++) tile(g, fmt, 1, M, n, 1, ahead, 0, g->K, code, codebf, part + (n - n0));
+    } else
+        for (int64_t k0 = 0; k0 < g->K; k0 += kblock) {
+            int64_t k1 = k0 + kblock < g->K ? k0 + kblock : g->K, n = n0;
+            for (; n + R <= n1; n += R) tile(g, fmt, R, M, n, 1, R, k0, k1, code, codebf, part + (n - n0) * M);
+            for (; n < n1; n++) tile(g, fmt, 1, M, n, 1, 1, k0, k1, code, codebf, part + (n - n0) * M);
+        }
     for (int64_t n = n0; n < n1; n++)
         for (int m = 0; m < M; m++) {
             float v = part[(n - n0) * M + m];
