@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import japanese_reference
+from conftest import japanese_reference, neox_reference
 
 import neoxja
 from neoxja import kernels
+from neoxja.errors import InputError
 from neoxja.evaluation import perplexity
 from neoxja.modeling import Linear, apply_rotary
 from neoxja.pipelines import DEMO_MODEL_DIR
@@ -167,6 +168,8 @@ def test_fused_decode_step_equals_the_separate_ops(tmp_path: Path, monkeypatch, 
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
 
+    monkeypatch.setattr(kernels, "decode_layer_ready", lambda *args: False)  # the layer's own kernel: tested below
+
     def decode(fused: bool) -> torch.Tensor:
         monkeypatch.setattr(kernels, "fused_decode_ready", lambda qkv, heads: fused)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -182,3 +185,87 @@ def test_fused_decode_step_equals_the_separate_ops(tmp_path: Path, monkeypatch, 
     fused, separate = decode(True), decode(False)
     tolerance = 1e-5 if dtype == torch.float32 else 0.03 * float(separate.abs().max())
     torch.testing.assert_close(fused, separate, rtol=0, atol=tolerance)
+
+
+def _decode_logits(model, ids: torch.Tensor, mask: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Logits of decoding ids[:, prompt:] one token at a time after a prefill of ids[:, :prompt] (left padding)."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(ids[:, :prompt], attention_mask=mask[:, :prompt], position_ids=positions[:, :prompt],
+                    use_cache=True)
+        logits = []
+        for i in range(prompt, ids.shape[1]):
+            out = model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], position_ids=positions[:, i:i + 1],
+                        past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits[:, -1].float())
+    return torch.stack(logits, dim=1)
+
+
+QUANTIZATION = {
+    "bf16": None,
+    "int8": neoxja.BitsAndBytesConfig(load_in_8bit=True),
+    "nf4": neoxja.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                     bnb_4bit_compute_dtype=torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(QUANTIZATION))
+@pytest.mark.parametrize("arch", ["abeja", "rinna"])
+def test_decode_layer_equals_the_module_path(tmp_path: Path, monkeypatch, arch: str, fmt: str):
+    """kernels.decode_layer (a whole layer per native call) against the same model's modules one by one: ABEJA's
+    sequential residual with the last layer's separate dense bias, rinna's parallel residual with partial rotary and
+    biases everywhere; a left-padded batch of 3; bf16, int8 and nf4 weights."""
+    _require_native()
+    if arch == "abeja":
+        reference = japanese_reference(hidden_size=256, num_attention_heads=4, rotary_pct=0.5)
+    else:
+        reference = neox_reference(hidden_size=256, num_attention_heads=4, intermediate_size=1024, rotary_pct=0.25)
+    reference.save_pretrained(tmp_path)
+    model = neoxja.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16,
+                                                        quantization_config=QUANTIZATION[fmt])
+    ids = torch.randint(3, 128, (3, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    native_calls = []
+    native_layer = kernels._native.decode_layer
+    monkeypatch.setattr(kernels._native, "decode_layer", lambda *args: native_calls.append(1) or native_layer(*args))
+    fused = _decode_logits(model, ids, mask, 5)
+    assert len(native_calls) == 5 * model.config.num_hidden_layers  # every decode step of every layer
+    monkeypatch.setattr(kernels, "decode_layer_ready", lambda *args: False)
+    modules = _decode_logits(model, ids, mask, 5)
+    # the layer norms and GELU round their own fp32 arithmetic: a few bf16 values may differ by one rounding
+    torch.testing.assert_close(fused, modules, rtol=0, atol=0.02 * float(modules.abs().max()))
+    assert torch.equal(fused.argmax(-1), modules.argmax(-1))
+
+
+def test_decode_layer_leaves_unsuitable_layers_to_the_modules(monkeypatch):
+    """Layers the kernel cannot read (4-bit weights in the flat layout, as the demo model's width 224 gets) decode
+    through the modules, with the same result as without the kernel."""
+    _require_native()
+    model = neoxja.AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.bfloat16,
+                                                        quantization_config=QUANTIZATION["nf4"])
+    assert model.gpt_neox_japanese.layers[0].mlp.dense_h_to_4h.gemv_spec() is None
+    called = []
+    monkeypatch.setattr(kernels._native, "decode_layer", lambda *args: called.append(1))
+    ids = torch.randint(3, 1000, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert not called
+
+
+def test_decode_layer_refuses_tensors_it_cannot_read():
+    _require_native()
+    layer = Linear(64, 192, bias=False).bfloat16()
+    spec = layer.gemv_spec()
+    x = torch.randn(1, 1, 64).bfloat16()
+    keys = torch.zeros(1, 4, 8, 16, dtype=torch.bfloat16)
+    norm = (torch.ones(64, dtype=torch.bfloat16), None, 1e-5)
+    cos = sin = torch.ones(1, 1, 1, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        with pytest.raises(InputError, match="do not suit"):
+            kernels.decode_layer(x.float(), [spec] * 4, (norm, norm), None, True, cos, sin, keys, keys, 0, 4, 0.25)
+        with pytest.raises(InputError, match="layer norms"):
+            kernels.decode_layer(x, [spec] * 4, (norm, (norm[0].float(), None, 1e-5)), None, True, cos, sin, keys,
+                                 keys, 0, 4, 0.25)
+        with pytest.raises(ValueError, match="inconsistent shapes"):  # qkv's spec where dense's belongs
+            kernels.decode_layer(x, [spec] * 4, (norm, norm), None, True, cos, sin, keys, keys, 0, 4, 0.25)

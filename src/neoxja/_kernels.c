@@ -35,6 +35,11 @@ one OpenMP runtime and one thread pool. */
 enum { DT_F32 = 0, DT_BF16 = 1 }; /* dtype codes; neoxja.kernels._DT mirrors them */
 enum { FMT_BF16 = 0, FMT_INT8 = 1, FMT_4BIT = 2 };
 enum { MAX_M = 8 };
+#ifdef __AVX512BF16__
+enum { HAVE_BF16 = 1 };
+#else
+enum { HAVE_BF16 = 0 };
+#endif
 static const float INV127 = 7.874015718698502e-3f; /* fp32(1/127), the factor bitsandbytes' int8 dequantization uses */
 
 /* ---- scalar bf16 <-> fp32 (round to nearest even, as torch does) ---- */
@@ -382,6 +387,45 @@ static void split_rows(int64_t N, int t, int T, int64_t *n0, int64_t *n1)
     if (*n1 > N) *n1 = N;
 }
 
+/* The activations of one GEMV, [M, K] in `xdt`, into the buffer its path reads (xb: bf16 for the AVX512-BF16 paths;
+   xp: fp32 in decoder order), zero-padded to g->K. */
+static void prepare_activations(const Gemv *g, const void *x, int xdt, int64_t K)
+{
+    if (g->xb)
+        for (int64_t m = 0; m < g->M; m++) {
+            memcpy((uint16_t *)g->xb + m * g->K, (const uint16_t *)x + m * K, (size_t)K * sizeof(uint16_t));
+            memset((uint16_t *)g->xb + m * g->K + K, 0, (size_t)(g->K - K) * sizeof(uint16_t));
+        }
+    else
+        prepare_x((float *)g->xp, x, xdt, g->M, K, g->K, g->fmt == FMT_BF16);
+}
+
+/* A GEMV whose activation buffers xp (fp32, M x Kp) and xb (bf16, M x Kp, or NULL without AVX512-BF16) are given;
+   xb is used where the format has a bf16 path and the activations are bf16. Returns 0 for an unsupported shape. */
+static int gemv_init(Gemv *g, int fmt, int ydt, int xdt, int64_t M, int64_t N, int64_t K, const void *w,
+                     const float *scale, const float *code, const void *bias, int bdt, void *y, float *xp,
+                     uint16_t *xb)
+{
+    if (M < 1 || M > MAX_M || N < 1 || K < 1 || (fmt == FMT_4BIT ? K % 64 : K % 32) != 0 || fmt < FMT_BF16 ||
+        fmt > FMT_4BIT)
+        return 0;
+    int dot = xb && (fmt == FMT_4BIT || fmt == FMT_BF16) && xdt == DT_BF16;
+    Gemv init = {fmt, ydt, bdt, M, N, fmt == FMT_4BIT ? (K + 127) / 128 * 128 : K, w, scale, code, xp,
+                 dot ? xb : NULL, bias, y};
+    *g = init;
+    return 1;
+}
+
+/* Inside a parallel region: this thread's rows of y (see split_rows). `part`: N x M floats shared by the team. */
+static void gemv_share(const Gemv *g, float *part)
+{
+    int64_t n0, n1;
+    split_rows(g->N, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
+    if (n1 > n0) gemv_range(g, n0, n1, part + n0 * g->M);
+}
+
+INLINE int64_t padded_k(int64_t K) { return (K + 127) / 128 * 128; }
+
 static PyObject *py_gemv(PyObject *self, PyObject *args)
 {
     int fmt, ydt, xdt, bdt, nthreads;
@@ -390,52 +434,27 @@ static PyObject *py_gemv(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "iKiKiKKKKinnni", &fmt, &y, &ydt, &x, &xdt, &w, &scale, &code, &bias, &bdt, &M, &N,
                           &K, &nthreads))
         return NULL;
-    if (M < 1 || M > MAX_M || N < 1 || K < 1 || (fmt == FMT_4BIT ? K % 64 : K % 32) != 0 || fmt < FMT_BF16 ||
-        fmt > FMT_4BIT) {
+    int64_t Kp = padded_k(K > 0 ? K : 1);
+    float *xp = aligned_alloc(64, (size_t)(MAX_M * Kp) * sizeof(float));
+    uint16_t *xb = aligned_alloc(64, (size_t)(MAX_M * Kp) * sizeof(uint16_t));
+    float *part = malloc((size_t)(N > 0 ? N : 1) * MAX_M * sizeof(float));
+    Gemv g;
+    int ok = xp && xb && part;
+    if (ok && !gemv_init(&g, fmt, ydt, xdt, M, N, K, (const void *)w, (const float *)scale, (const float *)code,
+                         (const void *)bias, bdt, (void *)y, xp, HAVE_BF16 ? xb : NULL)) {
+        free(xp), free(xb), free(part);
         PyErr_Format(PyExc_ValueError, "gemv: unsupported format %d or shape M=%zd N=%zd K=%zd", fmt, M, N, K);
         return NULL;
     }
-    int64_t Kp = fmt == FMT_4BIT ? (K + 127) / 128 * 128 : K;
-    float *xp = aligned_alloc(64, (size_t)(M * Kp * sizeof(float) + 63) / 64 * 64);
-    if (!xp) return PyErr_NoMemory();
-    uint16_t *xb = NULL;
-#ifdef __AVX512BF16__
-    if ((fmt == FMT_4BIT || fmt == FMT_BF16) && xdt == DT_BF16) {
-        xb = aligned_alloc(64, (size_t)(M * Kp * sizeof(uint16_t) + 63) / 64 * 64);
-        if (!xb) {
-            free(xp);
-            return PyErr_NoMemory();
-        }
-    }
-#endif
-    Gemv g = {fmt, ydt, bdt, M, N, Kp, (const void *)w, (const float *)scale, (const float *)code, xp, xb,
-              (const void *)bias, (void *)y};
-    int failed = 0;
-    Py_BEGIN_ALLOW_THREADS
-    if (xb)
-        for (int64_t m = 0; m < M; m++) {
-            memcpy(xb + m * Kp, (const uint16_t *)x + m * K, (size_t)K * sizeof(uint16_t));
-            memset(xb + m * Kp + K, 0, (size_t)(Kp - K) * sizeof(uint16_t));
-        }
-    else
-        prepare_x(xp, (const void *)x, xdt, M, K, Kp, fmt == FMT_BF16);
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        prepare_activations(&g, (const void *)x, xdt, K);
 #pragma omp parallel num_threads(nthreads)
-    {
-        int64_t n0, n1;
-        split_rows(N, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
-        float *part = malloc((size_t)((n1 - n0) * M) * sizeof(float) + 1);
-        if (part)
-            gemv_range(&g, n0, n1, part);
-        else {
-#pragma omp atomic write
-            failed = 1;
-        }
-        free(part);
+        gemv_share(&g, part);
+        Py_END_ALLOW_THREADS
     }
-    Py_END_ALLOW_THREADS
-    free(xp);
-    free(xb);
-    if (failed) return PyErr_NoMemory();
+    free(xp), free(xb), free(part);
+    if (!ok) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -657,6 +676,43 @@ static void decode_one(const void *qkv, int dt, const void *cos, const void *sin
     attend_one(q, kc, vc, dt, pos + 1, D, st, scale, mask, out, dt, s);
 }
 
+/* The cached keys and values of one layer and the step's rotary tables: kc, vc [B, H, capacity, D] with strides sb,
+   sh, st (elements); cos, sin [B, R]; mask [B, pos + 1] fp32 or NULL. */
+typedef struct {
+    const void *cos, *sin;
+    int64_t H, D, R;
+    void *kc, *vc;
+    int64_t sb, sh, st, pos;
+    float scale;
+    const float *mask;
+} Attention;
+
+/* Inside a parallel region: the team shares the B x H (sequence, head) pairs of one decode step; qkv [B, H, 3D],
+   out [B, H * D], both in `dt`; `s`: this thread's scratch for pos + 1 scores. */
+static void attend_share(const Attention *a, const void *qkv, int dt, int64_t B, void *out, float *s)
+{
+    size_t esize = dt == DT_BF16 ? 2 : 4;
+    int64_t H = a->H, D = a->D, R = a->R;
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        int64_t b = bh / H, h = bh % H, ko = (b * a->sb + h * a->sh) * (int64_t)esize;
+        decode_one((const char *)qkv + (b * H * 3 * D + h * 3 * D) * esize, dt, (const char *)a->cos + b * R * esize,
+                   (const char *)a->sin + b * R * esize, R, D, (char *)a->kc + ko, (char *)a->vc + ko, a->st, a->pos,
+                   a->scale, a->mask ? a->mask + b * (a->pos + 1) : NULL, (char *)out + (b * H + h) * D * esize, s);
+    }
+}
+
+static int attention_valid(Py_ssize_t B, const Attention *a)
+{
+    if (B < 1 || a->H < 1 || a->D < 1 || a->D > 16 * MAX_HEAD_CHUNKS || a->R < 0 || a->R > a->D || a->R % 2 ||
+        a->pos < 0) {
+        PyErr_Format(PyExc_ValueError, "decode_attention: unsupported shape B=%zd H=%lld D=%lld R=%lld pos=%lld", B,
+                     (long long)a->H, (long long)a->D, (long long)a->R, (long long)a->pos);
+        return 0;
+    }
+    return 1;
+}
+
 static PyObject *py_decode_attention(PyObject *self, PyObject *args)
 {
     unsigned long long qkv, cos, sin, kc, vc, mask, out;
@@ -666,33 +722,192 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "KiKKnnnnKKnnnnfKKi", &qkv, &dt, &cos, &sin, &B, &H, &D, &R, &kc, &vc, &sb, &sh, &st,
                           &pos, &scale, &mask, &out, &nthreads))
         return NULL;
-    if (B < 1 || H < 1 || D < 1 || D > 16 * MAX_HEAD_CHUNKS || R < 0 || R > D || R % 2 || pos < 0) {
-        PyErr_Format(PyExc_ValueError, "decode_attention: unsupported shape B=%zd H=%zd D=%zd R=%zd pos=%zd", B, H, D,
-                     R, pos);
+    Attention a = {(const void *)cos, (const void *)sin, H, D, R, (void *)kc, (void *)vc, sb, sh, st, pos, scale,
+                   (const float *)mask};
+    if (!attention_valid(B, &a)) return NULL;
+    float *scores = malloc((size_t)nthreads * (size_t)(pos + 1) * sizeof(float));
+    if (!scores) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel num_threads(nthreads)
+    attend_share(&a, (const void *)qkv, dt, B, (void *)out, scores + omp_get_thread_num() * (pos + 1));
+    Py_END_ALLOW_THREADS
+    free(scores);
+    Py_RETURN_NONE;
+}
+
+/* ---- one decoder layer per call (decoding, bf16 activations) ----
+   The decode step of a layer is four GEMVs, attention and a few vector operations on M rows (one new token per
+   sequence). Called one by one from Python, the small operations and the call overheads cost ~150 us per layer,
+   ~5 ms per token at 32 layers; here they run in one parallel region, separated by barriers. The rounding points
+   are those of the module path (neoxja.modeling.Layer): every tensor the module path stores in bf16 is rounded to
+   bf16 here at the same place, so the two agree up to the last bit of the layer norms' and GELU's fp32 arithmetic. */
+
+/* LayerNorm of one row into bf16: mean and (biased) variance in fp32, then (x - mean) * rstd * w + b, rounded once. */
+static void layer_norm_row(const uint16_t *x, const void *w, const void *b, int pdt, float eps, int64_t H,
+                           uint16_t *out)
+{
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < H; i += 16) sum = _mm512_add_ps(sum, load16(x, i, DT_BF16));
+    float mean = _mm512_reduce_add_ps(sum) / (float)H;
+    __m512 mv = _mm512_set1_ps(mean), sq = _mm512_setzero_ps();
+    for (int64_t i = 0; i < H; i += 16) {
+        __m512 d = _mm512_sub_ps(load16(x, i, DT_BF16), mv);
+        sq = _mm512_fmadd_ps(d, d, sq);
+    }
+    __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(sq) / (float)H + eps));
+    for (int64_t i = 0; i < H; i += 16) {
+        __m512 v = _mm512_mul_ps(_mm512_sub_ps(load16(x, i, DT_BF16), mv), rstd);
+        v = _mm512_fmadd_ps(v, load16(w, i, pdt), b ? load16(b, i, pdt) : _mm512_setzero_ps());
+        store16(out, i, DT_BF16, v);
+    }
+}
+
+/* erfc(z) for z >= 0 with a fractional error below 1.2e-7: t exp(-z^2 + P(t)), t = 1 / (1 + z/2), P the Chebyshev
+   fit of Press et al., Numerical Recipes, 6.2. */
+INLINE __m512 erfc_nonnegative(__m512 z)
+{
+    static const float P[10] = {-1.26551223f, 1.00002368f, 0.37409196f, 0.09678418f, -0.18628806f,
+                                0.27886807f,  -1.13520398f, 1.48851587f, -0.82215223f, 0.17087277f};
+    __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(z, _mm512_set1_ps(0.5f), _mm512_set1_ps(1.0f)));
+    __m512 p = _mm512_set1_ps(P[9]);
+    for (int i = 8; i >= 0; i--) p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(P[i]));
+    return _mm512_mul_ps(t, exp_nonpositive(_mm512_fnmadd_ps(z, z, p)));
+}
+
+/* GELU (the exact, erf form) in place on bf16 values: x (1 + erf(x / sqrt 2)) / 2, with 1 + erf(u) = 2 - erfc(u)
+   for u >= 0 and erfc(-u) below, so neither side loses precision by cancellation. */
+static void gelu_bf16(uint16_t *v, int64_t n)
+{
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1u);
+        __m512 x = load16_masked(v, i, DT_BF16, m);
+        __m512 c = erfc_nonnegative(_mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(0.70710678118654752f)));
+        __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+        __m512 one_plus_erf = _mm512_mask_mov_ps(_mm512_sub_ps(_mm512_set1_ps(2.0f), c), neg, c);
+        store16_masked(v, i, DT_BF16, _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), one_plus_erf), m);
+    }
+}
+
+/* out = round(a + b) elementwise for bf16 a and b (b may be fp32 when it is a parameter) */
+static void add_bf16(uint16_t *out, const uint16_t *a, const void *b, int bdt, int64_t n)
+{
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1u);
+        store16_masked(out, i, DT_BF16, _mm512_add_ps(load16_masked(a, i, DT_BF16, m), load16_masked(b, i, bdt, m)),
+                       m);
+    }
+}
+
+typedef struct {
+    int fmt, bdt;
+    unsigned long long w, scale, code, bias;
+    Py_ssize_t N, K;
+} LinearArgs;
+
+static int parse_linear(PyObject *tuple, LinearArgs *l)
+{
+    return PyArg_ParseTuple(tuple, "iKKKKinn", &l->fmt, &l->w, &l->scale, &l->code, &l->bias, &l->bdt, &l->N, &l->K);
+}
+
+static PyObject *py_decode_layer(PyObject *self, PyObject *args)
+{
+    unsigned long long x, out, ln1w, ln1b, ln2w, ln2b, dbias, cos, sin, kc, vc, mask;
+    PyObject *lt[4];
+    int pdt, dbdt, parallel, nthreads;
+    float eps1, eps2, scale;
+    Py_ssize_t M, H, heads, D, R, sb, sh, st, pos;
+    if (!PyArg_ParseTuple(args, "KKnOOOOKKKKfKifiKKinnnnKKnnnnfKi", &x, &out, &M, &lt[0], &lt[1], &lt[2], &lt[3], &ln1w,
+                          &ln1b, &ln2w, &ln2b, &eps1, &dbias, &dbdt, &eps2, &pdt, &cos, &sin, &parallel, &H, &heads, &D,
+                          &R, &kc, &vc, &sb, &sh, &st, &pos, &scale, &mask, &nthreads))
+        return NULL;
+    LinearArgs l[4]; /* query_key_value, dense, dense_h_to_4h, dense_4h_to_h */
+    for (int i = 0; i < 4; i++)
+        if (!parse_linear(lt[i], &l[i])) return NULL;
+    Attention a = {(const void *)cos, (const void *)sin, heads, D, R, (void *)kc, (void *)vc, sb, sh, st, pos, scale,
+                   (const float *)mask};
+    if (!attention_valid(M, &a)) return NULL;
+    int64_t I = l[2].N, widest = padded_k(I > H ? I : H);
+    if (H % 16 || l[0].K != H || l[0].N != 3 * H || heads * D != H || l[1].K != H || l[1].N != H ||
+        l[2].K != H || l[3].K != I || l[3].N != H || M > MAX_M) {
+        PyErr_Format(PyExc_ValueError, "decode_layer: inconsistent shapes (M=%zd hidden=%zd intermediate=%lld)", M, H,
+                     (long long)I);
         return NULL;
     }
-    size_t esize = dt == DT_BF16 ? 2 : 4;
-    int failed = 0;
+    /* bf16 work rows: h (normed input), qkv, attn, d (attention output), r (residual), u (MLP hidden), o (MLP out) */
+    size_t rows = (size_t)M * (size_t)(H + 3 * H + H + H + H + I + H);
+    uint16_t *work = malloc(rows * sizeof(uint16_t));
+    float *xp = aligned_alloc(64, (size_t)(MAX_M * widest) * sizeof(float));
+    uint16_t *xb = aligned_alloc(64, (size_t)(MAX_M * widest) * sizeof(uint16_t));
+    float *part = malloc((size_t)(MAX_M * (3 * H > I ? 3 * H : I)) * sizeof(float));
+    float *scores = malloc((size_t)nthreads * (size_t)(pos + 1) * sizeof(float));
+    if (!work || !xp || !xb || !part || !scores) {
+        free(work), free(xp), free(xb), free(part), free(scores);
+        return PyErr_NoMemory();
+    }
+    uint16_t *h = work, *qkv = h + M * H, *attn = qkv + M * 3 * H, *d = attn + M * H, *r = d + M * H,
+             *u = r + M * H, *o = u + M * I;
+    const uint16_t *xin = (const uint16_t *)x;
+    uint16_t *y = (uint16_t *)out;
+    Gemv g[4];
+    void *outs[4] = {qkv, d, u, o};
+    int ok = 1;
+    for (int i = 0; i < 4; i++)
+        ok = ok && gemv_init(&g[i], l[i].fmt, DT_BF16, DT_BF16, M, l[i].N, l[i].K, (const void *)l[i].w,
+                             (const float *)l[i].scale, (const float *)l[i].code, (const void *)l[i].bias, l[i].bdt,
+                             outs[i], xp, HAVE_BF16 ? xb : NULL);
+    if (!ok) {
+        free(work), free(xp), free(xb), free(part), free(scores);
+        PyErr_SetString(PyExc_ValueError, "decode_layer: a linear layer's format or shape does not suit the kernel");
+        return NULL;
+    }
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel num_threads(nthreads)
     {
-        float *s = malloc((size_t)(pos + 1) * sizeof(float));
-        if (!s) {
-#pragma omp atomic write
-            failed = 1;
+#pragma omp single
+        {
+            for (int64_t m = 0; m < M; m++)
+                layer_norm_row(xin + m * H, (const void *)ln1w, (const void *)ln1b, pdt, eps1, H, h + m * H);
+            prepare_activations(&g[0], h, DT_BF16, H);
         }
-#pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < B * H; bh++) {
-            if (!s) continue;
-            int64_t b = bh / H, h = bh % H, ko = (b * sb + h * sh) * (int64_t)esize;
-            decode_one((const char *)qkv + (b * H * 3 * D + h * 3 * D) * esize, dt, (const char *)cos + b * R * esize,
-                       (const char *)sin + b * R * esize, R, D, (char *)kc + ko, (char *)vc + ko, st, pos, scale,
-                       mask ? (const float *)mask + b * (pos + 1) : NULL, (char *)out + (b * H + h) * D * esize, s);
+        gemv_share(&g[0], part);
+#pragma omp barrier
+        attend_share(&a, qkv, DT_BF16, M, attn, scores + omp_get_thread_num() * (pos + 1));
+#pragma omp single
+        prepare_activations(&g[1], attn, DT_BF16, H);
+        gemv_share(&g[1], part);
+#pragma omp barrier
+#pragma omp single
+        {
+            if (dbias)
+                for (int64_t m = 0; m < M; m++) add_bf16(d + m * H, d + m * H, (const void *)dbias, dbdt, H);
+            const uint16_t *mlp_in = xin; /* parallel residual: both branches read the layer input */
+            if (!parallel) {
+                add_bf16(r, d, xin, DT_BF16, M * H); /* r = attn + x */
+                mlp_in = r;
+            }
+            for (int64_t m = 0; m < M; m++)
+                layer_norm_row(mlp_in + m * H, (const void *)ln2w, (const void *)ln2b, pdt, eps2, H, h + m * H);
+            prepare_activations(&g[2], h, DT_BF16, H);
         }
-        free(s);
+        gemv_share(&g[2], part);
+#pragma omp barrier
+#pragma omp single
+        {
+            gelu_bf16(u, M * I);
+            prepare_activations(&g[3], u, DT_BF16, I);
+        }
+        gemv_share(&g[3], part);
+#pragma omp barrier
+#pragma omp single
+        if (parallel) { /* mlp + attn + x, left to right */
+            add_bf16(o, o, d, DT_BF16, M * H);
+            add_bf16(y, o, xin, DT_BF16, M * H);
+        } else {
+            add_bf16(y, o, r, DT_BF16, M * H);
+        }
     }
     Py_END_ALLOW_THREADS
-    if (failed) return PyErr_NoMemory();
+    free(work), free(xp), free(xb), free(part), free(scores);
     Py_RETURN_NONE;
 }
 
@@ -704,6 +919,9 @@ static PyMethodDef methods[] = {
     {"decode_attention", py_decode_attention, METH_VARARGS,
      "decode_attention(qkv, dt, cos, sin, B, H, D, R, kc, vc, sb, sh, st, pos, scale, mask, out, nthreads): rotary, "
      "cache write at pos and attention for one new token per sequence"},
+    {"decode_layer", py_decode_layer, METH_VARARGS,
+     "decode_layer(x, out, M, linears, ln1 w, b, eps, dense_bias, dbdt, ln2 eps, pdt, cos, sin, parallel, hidden, "
+     "heads, D, R, kc, vc, sb, sh, st, pos, scale, mask, nthreads): one decoder layer for one new token per row"},
     {"quantize_4bit", py_quantize_4bit, METH_VARARGS,
      "quantize_4bit(idx, absmax, w, wdt, n, nf4, nthreads): code indices (uint8 [n]) and absmax (fp32 [n/64])"},
     {NULL, NULL, 0, NULL},

@@ -228,13 +228,78 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ke
             or keys.stride() != values.stride() or keys.stride(-1) != 1 or keys.dtype != qkv.dtype:
         raise InputError("decode_attention: these tensors do not suit the native kernel (check fused_decode_ready)")
     qkv = qkv.contiguous()
-    cos = cos.to(qkv.dtype).reshape(-1, rot).expand(batch, rot).contiguous()
-    sin = sin.to(qkv.dtype).reshape(-1, rot).expand(batch, rot).contiguous()
+    out = qkv.new_empty(batch, 1, heads * dim)
+    cos, sin, mask, strides = _attention_inputs(qkv.dtype, batch, cos, sin, keys, position, mask)
+    _native.decode_attention(qkv.data_ptr(), _DT[qkv.dtype], cos.data_ptr(), sin.data_ptr(), batch, heads, dim,
+                             cos.shape[-1], keys.data_ptr(), values.data_ptr(), *strides, position, scale,
+                             0 if mask is None else mask.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def _attention_inputs(dtype: torch.dtype, batch: int, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                      position: int, mask: torch.Tensor | None):
+    """The rotary tables as contiguous [B, R] in `dtype`, the mask as contiguous fp32 [B, position + 1] (or None) and
+    the cache's strides (batch, head, position), as the native attention reads them."""
+    rot = cos.shape[-1]
+    cos = cos.to(dtype).reshape(-1, rot).expand(batch, rot).contiguous()
+    sin = sin.to(dtype).reshape(-1, rot).expand(batch, rot).contiguous()
     if mask is not None:
         mask = mask.to(torch.float32).expand(batch, 1, 1, position + 1).contiguous()
-    out = qkv.new_empty(batch, 1, heads * dim)
-    sb, sh, st, _ = keys.stride()
-    _native.decode_attention(qkv.data_ptr(), _DT[qkv.dtype], cos.data_ptr(), sin.data_ptr(), batch, heads, dim, rot,
-                             keys.data_ptr(), values.data_ptr(), sb, sh, st, position, scale,
-                             0 if mask is None else mask.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return cos, sin, mask, keys.stride()[:3]
+
+
+# ---- a whole decoder layer per call ----
+
+_FORMATS = {"bf16": "FMT_BF16", "int8": "FMT_INT8", "4bit": "FMT_4BIT"}
+# (format name, weight, scale or None, code or None, bias or None, in_features): what a linear layer's gemv_spec()
+# returns when its weights suit the GEMV kernel (neoxja.modeling.Linear, neoxja.quantization's layers)
+GemvSpec = tuple
+
+
+def decode_layer_ready(x: torch.Tensor, heads: int, specs: list[GemvSpec | None]) -> bool:
+    """Whether `decode_layer` can take this step: the native module, bf16 activations on the CPU holding one new
+    token for at most MAX_GEMV_ROWS sequences, no gradients, and every linear layer in a kernel format."""
+    return (HAVE_NATIVE and x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 3
+            and x.shape[1] == 1 and x.shape[0] <= MAX_GEMV_ROWS and x.shape[2] % 16 == 0
+            and x.shape[2] % heads == 0 and x.shape[2] // heads <= 256 and not torch.is_grad_enabled()
+            and all(spec is not None for spec in specs))
+
+
+def decode_layer(x: torch.Tensor, specs: list[GemvSpec], norms: tuple, dense_bias: torch.Tensor | None,
+                 parallel_residual: bool, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor, position: int, heads: int, scale: float,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One GPT-NeoX decoder layer for one new token per sequence, in one native call: x [B, 1, H] bf16 -> the layer's
+    output. `specs`: the gemv_spec of query_key_value, attention.dense, dense_h_to_4h and dense_4h_to_h; `norms`:
+    ((weight, bias, eps) of input_layernorm, of post_attention_layernorm); `dense_bias`: the attention output's
+    separate bias or None; the rest as for `decode_attention`. Every value the module path (neoxja.modeling.Layer)
+    stores in bf16 is rounded here at the same point; the layer norms and the GELU (erf from a 1.2e-7 fit) use their
+    own fp32 arithmetic, so outputs agree with the module path to within one bf16 rounding of a few elements."""
+    batch, _, hidden = x.shape
+    if not decode_layer_ready(x, heads, specs) or keys.shape[0] != batch or keys.shape[2] <= position \
+            or keys.stride() != values.stride() or keys.stride(-1) != 1 or keys.dtype != x.dtype:
+        raise InputError("decode_layer: these tensors do not suit the native kernel (check decode_layer_ready)")
+    (w1, b1, eps1), (w2, b2, eps2) = norms
+    params = [w1, w2] + [b for b in (b1, b2) if b is not None]
+    if any(p.dtype != w1.dtype or p.dtype not in _DT or not p.is_contiguous() for p in params):
+        raise InputError("decode_layer: the layer norms' parameters must be contiguous, in one dtype (fp32 or bf16)")
+    linears = []
+    for fmt, w, scale_, code, bias, in_features in specs:
+        if bias is not None and (bias.dtype not in _DT or not bias.is_contiguous()):
+            raise InputError("decode_layer: a linear layer's bias must be a contiguous fp32 or bf16 tensor")
+        linears.append((getattr(_native, _FORMATS[fmt]), w.data_ptr(), 0 if scale_ is None else scale_.data_ptr(),
+                        0 if code is None else code.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                        0 if bias is None else _DT[bias.dtype], w.shape[0], in_features))
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    cos, sin, mask, strides = _attention_inputs(x.dtype, batch, cos, sin, keys, position, mask)
+    if dense_bias is not None and (dense_bias.dtype not in _DT or not dense_bias.is_contiguous()):
+        raise InputError("decode_layer: dense_bias must be a contiguous fp32 or bf16 tensor")
+    _native.decode_layer(
+        x.data_ptr(), out.data_ptr(), batch, *linears, w1.data_ptr(), 0 if b1 is None else b1.data_ptr(),
+        w2.data_ptr(), 0 if b2 is None else b2.data_ptr(), eps1,
+        0 if dense_bias is None else dense_bias.data_ptr(), 0 if dense_bias is None else _DT[dense_bias.dtype],
+        eps2, _DT[w1.dtype], cos.data_ptr(), sin.data_ptr(), int(parallel_residual), hidden, heads,
+        hidden // heads, cos.shape[-1], keys.data_ptr(), values.data_ptr(), *strides, position, scale,
+        0 if mask is None else mask.data_ptr(), torch.get_num_threads())
     return out

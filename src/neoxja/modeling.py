@@ -306,6 +306,13 @@ class Linear(nn.Linear):
             return kernels.linear_bf16(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
+    def gemv_spec(self) -> kernels.GemvSpec | None:
+        """This layer as the GEMV kernel reads it (for kernels.decode_layer), or None when its weight does not suit."""
+        w = self.weight
+        if w.dtype != torch.bfloat16 or not w.is_contiguous() or self.in_features % 32:
+            return None
+        return ("bf16", w, None, None, self.bias, self.in_features)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 class Attention(nn.Module):
@@ -394,6 +401,10 @@ class Layer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None,
                 head_mask: Tensor | None = None, output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
+        if cache is not None and head_mask is None and not output_attentions and not self.training:
+            out = self._decode_step(x, cos, sin, mask, cache)
+            if out is not None:
+                return out, None
         attn, probs = self.attention(self.input_layernorm(x), cos, sin, mask, cache, head_mask, output_attentions)
         attn = self._dropout(attn)
         if self.parallel:  # both branches read the layer input
@@ -403,6 +414,28 @@ class Layer(nn.Module):
 
     def _dropout(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.dropout, True) if self.training and self.dropout else x
+
+    def _decode_step(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache) -> Tensor | None:
+        """The whole layer in one native call (kernels.decode_layer) when decoding one token per sequence; None when
+        this step or these weights do not suit it (the modules then run one by one)."""
+        attention, mlp = self.attention, self.mlp
+        layers = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+        specs = [getattr(layer, "gemv_spec", lambda: None)() for layer in layers]
+        norms = (self.input_layernorm, self.post_attention_layernorm)
+        if (mlp.act is not F.gelu or any(norm.weight is None for norm in norms)
+                or not kernels.decode_layer_ready(x, attention.num_heads, specs)):
+            return None
+        index = attention.layer_index
+        keys, values = cache.reserve(index, 1, x, (x.shape[0], attention.num_heads), attention.head_dim,
+                                     attention.head_dim)
+        if keys.dtype != x.dtype or keys.stride(-1) != 1 or keys.stride() != values.stride():
+            return None
+        position = cache.lengths[index]
+        out = kernels.decode_layer(x, specs, tuple((norm.weight, norm.bias, norm.eps) for norm in norms),
+                                   attention.dense_bias, self.parallel, cos, sin, keys, values, position,
+                                   attention.num_heads, attention.scale, mask)
+        cache.lengths[index] = position + 1
+        return out
 
 
 def causal_mask(new: int, total: int, attention_mask: Tensor | None, dtype: torch.dtype,

@@ -315,6 +315,12 @@ class Int8Linear(_QuantizedLinear):
     def forward(self, x: Tensor) -> Tensor:
         return kernels.linear_int8(x, self.weight, self.SCB, self.bias)
 
+    def gemv_spec(self) -> kernels.GemvSpec | None:
+        """This layer as the GEMV kernel reads it (for kernels.decode_layer), or None when it does not suit."""
+        if self.in_features % 32 or not self.weight.is_contiguous():
+            return None
+        return ("int8", self.weight, self.SCB, None, self.bias, self.in_features)
+
     def _checkpoint_keys(self) -> list[str]:
         return ["weight", "SCB"]
 
@@ -383,6 +389,10 @@ class Linear4bit(_QuantizedLinear):
         if self.row_blocks:
             return kernels.dequantize_4bit(self.qweight, self.absmax, self.code, self.in_features)
         return dequantize_4bit(self.qweight, self.absmax, (self.out_features, self.in_features), code=self.code)
+
+    def gemv_spec(self) -> kernels.GemvSpec | None:
+        """This layer as the GEMV kernel reads it (for kernels.decode_layer), or None in the flat layout."""
+        return ("4bit", self.qweight, self.absmax, self.code, self.bias, self.in_features) if self.row_blocks else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.row_blocks:
