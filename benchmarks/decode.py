@@ -8,7 +8,8 @@ neoxja (bf16, int8, nf4), measured in ONE run on a checkpoint with the ABEJA 2.7
 Decoding one token reads every weight the forward pass uses once (the input embedding contributes one row, the
 head all of it), so tokens/s can at best be `bandwidth / bytes read per token`: the "limit" of a format. The
 bandwidth is measured in the same run, before and after the engines (reading 1 GiB, best of 5 each time, same
-threads: see read_bandwidth). Each engine runs alone in a fresh process, --rounds times with the engines taking
+threads: see read_bandwidth) and inside every engine process before it loads its model and after it frees it (a
+PyTorch sum of 1 GiB, best of 3); the best of all probes is the bandwidth. Each engine runs alone in a fresh process, --rounds times with the engines taking
 turns (a slow spell of the shared host then does not hit one engine only); each figure is the best of its
 --reps timings and rounds:
 
@@ -38,9 +39,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import write_checkpoint  # noqa: E402  (the same 2.7B-shaped random checkpoint)
 
 CHILD = r"""
-import json, resource, sys, time, torch
+import gc, json, resource, sys, time, torch
 engine, fmt, path, threads, new, reps = sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
 torch.set_num_threads(threads)
+
+def probe():  # GB/s of summing 1 GiB, best of 3 (taken while no model is loaded: it must not add to peak RSS)
+    data, best = torch.ones(256 * 1024 * 1024), float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best / 1e9
+
+bandwidth = [probe()]
+gc.collect()
 
 def load():
     if engine == "neoxja":
@@ -92,10 +104,13 @@ with torch.no_grad():
     ttft = min(timed(lambda: generate(model, long_prompt, 1)) for _ in range(max(1, reps - 1)))
     batch_first = timed(lambda: generate(model, batch, 1))
     batch_full = timed(lambda: generate(model, batch, 1 + new))
+nbytes, peak_rss = bytes_per_token(model), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+del model
+gc.collect()
+bandwidth.append(probe())
 print(json.dumps({
     "decode": new / (full - first), "prefill": 512 / prefill, "ttft": ttft,
-    "batch8": 8 * new / (batch_full - batch_first),
-    "bytes": bytes_per_token(model), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    "batch8": 8 * new / (batch_full - batch_first), "bytes": nbytes, "peak_rss": peak_rss, "bandwidth": bandwidth,
 }))
 """
 
@@ -151,19 +166,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = Path(tmp) / "ckpt"
         write_checkpoint(path, args.layers)
-        # memory bandwidth on a shared host moves with the neighbours' load: probe before and after the engines
-        # and take the best, so that no engine is judged against a momentary dip
+        # memory bandwidth on a shared host moves with the neighbours' load (here between ~33 and ~65 GB/s, in
+        # spells of minutes): probe before and after the engines and in every engine process before it loads and
+        # after it frees its model, and take the best, so that no engine is judged against a momentary dip
         bandwidth = read_bandwidth(args.threads)
         rounds: dict[tuple[str, str], list[dict]] = {run: [] for run in runs}
         for _ in range(args.rounds):  # engines take turns, so a slow spell of the host does not hit only one
             for run in runs:
                 rounds[run].append(measure(*run, path, args.threads, args.new_tokens, args.reps))
+        probes = [bandwidth, read_bandwidth(args.threads)]
+        probes += [gbs for rs in rounds.values() for r in rs for gbs in r.pop("bandwidth")]
         results = {run: best_of_rounds(r) for run, r in rounds.items()}
-        bandwidth = max(bandwidth, read_bandwidth(args.threads))
+        bandwidth = max(probes)
     bf16_bytes = results.get(("neoxja", "bf16"), results.get(("transformers", "bf16")))["bytes"]
     reference = results.get(("transformers", "bf16"), {}).get("decode")
     print(f"checkpoint: ABEJA 2.7B width (hidden 2560, 32 heads, vocab 32000), {args.layers} layers; "
-          f"{args.threads} threads; read bandwidth {bandwidth:.1f} GB/s; bf16 limit "
+          f"{args.threads} threads; read bandwidth {bandwidth:.1f} GB/s (best of {len(probes)} probes, which read "
+          f"{min(probes):.0f}-{max(probes):.0f} GB/s); bf16 limit "
           f"{bandwidth * 1e9 / bf16_bytes:.2f} tok/s")
     header = (f"| {'engine':<18} | {'MB/token':>8} | {'decode tok/s':>12} | {'x ref':>5} | {'own limit':>9} | "
               f"{'bf16 limit':>10} | {'prefill tok/s':>13} | {'TTFT 512 s':>10} | {'batch-8 tok/s':>13} | "

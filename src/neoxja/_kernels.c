@@ -11,7 +11,8 @@ formats by decoding weights in registers and never writing a dequantized copy:
 
 Products and sums are fp32 (weights decode exactly to fp32), so results equal F.linear on the dequantized fp32
 weights up to summation order. `gemv` serves M <= 8 activation rows (batch-1 and small-batch decode); for prefill,
-`dequantize` writes the weights out once and PyTorch's matmul takes over.
+`dequantize` writes the weights out once and PyTorch's matmul takes over. `decode_attention` is one decode step of
+attention (rotary, cache write, softmax-weighted sum) and `decode_layer` a whole decoder layer around it.
 
 It is plain C with no PyTorch headers, so building it never needs torch: tensors arrive as data pointers
 (tensor.data_ptr()) plus sizes, and the Python side (neoxja.kernels) checks shapes, dtypes and contiguity. Work is

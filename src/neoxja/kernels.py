@@ -1,6 +1,8 @@
 """Linear layers for the CPU decode path, on bf16, int8 and 4-bit weights.
 
-This module owns the choice of kernel for `y = x @ W.T + bias`:
+This module owns the choice of kernel for `y = x @ W.T + bias`, and the native decode step of a whole layer
+(`decode_layer`: norms, the four GEMVs, attention with rotary and the cache write, GELU and residuals in one call,
+which neoxja.modeling.Layer takes whenever it decodes one token per sequence from bf16 activations):
 
 - small batches (at most MAX_GEMV_ROWS rows of activations, i.e. decoding) go to `neoxja._kernels`, the C/AVX-512
   GEMV that streams the weights once and decodes them in registers;
