@@ -253,6 +253,20 @@ def test_decode_layer_leaves_unsuitable_layers_to_the_modules(monkeypatch):
     assert not called
 
 
+def test_decode_layer_steps_aside_for_hooks(tmp_path: Path):
+    """A forward hook on a submodule (say, to record the MLP's output) must fire on every decode step, so a layer
+    with hooked submodules runs its modules."""
+    _require_native()
+    japanese_reference(hidden_size=64).save_pretrained(tmp_path)
+    model = neoxja.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    seen = []
+    model.gpt_neox_japanese.layers[1].mlp.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
+    ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert seen == [5, 1, 1, 1]  # the prompt, then one call per decoded token
+
+
 def test_decode_layer_refuses_tensors_it_cannot_read():
     _require_native()
     layer = Linear(64, 192, bias=False).bfloat16()

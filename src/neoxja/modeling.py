@@ -418,6 +418,8 @@ class Layer(nn.Module):
     def _decode_step(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache) -> Tensor | None:
         """The whole layer in one native call (kernels.decode_layer) when decoding one token per sequence; None when
         this step or these weights do not suit it (the modules then run one by one)."""
+        if _hooked(self):  # the submodules do not run here, so their hooks would silently miss this step
+            return None
         attention, mlp = self.attention, self.mlp
         layers = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
         specs = [getattr(layer, "gemv_spec", lambda: None)() for layer in layers]
@@ -436,6 +438,14 @@ class Layer(nn.Module):
                                    attention.num_heads, attention.scale, mask)
         cache.lengths[index] = position + 1
         return out
+
+
+def _hooked(layer: nn.Module) -> bool:
+    """Whether any module inside `layer` (not `layer` itself) has forward hooks, or global module hooks exist."""
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules() if m is not layer)
 
 
 def causal_mask(new: int, total: int, attention_mask: Tensor | None, dtype: torch.dtype,
