@@ -243,9 +243,12 @@ def _attention_inputs(dtype: torch.dtype, batch: int, cos: torch.Tensor, sin: to
     """The rotary tables as contiguous [B, R] in `dtype`, the mask as contiguous fp32 [B, position + 1] (or None) and
     the cache's strides (batch, head, position), as the native attention reads them."""
     rot = cos.shape[-1]
-    cos = cos.to(dtype).reshape(-1, rot).expand(batch, rot).contiguous()
-    sin = sin.to(dtype).reshape(-1, rot).expand(batch, rot).contiguous()
-    if mask is not None:
+    if not (cos.dtype == sin.dtype == dtype and cos.numel() == sin.numel() == batch * rot and cos.is_contiguous()
+            and sin.is_contiguous()):  # the model's tables usually are in form already: no copies per layer then
+        cos = cos.to(dtype).reshape(-1, rot).expand(batch, rot).contiguous()
+        sin = sin.to(dtype).reshape(-1, rot).expand(batch, rot).contiguous()
+    if mask is not None and not (mask.dtype == torch.float32 and mask.numel() == batch * (position + 1)
+                                 and mask.is_contiguous()):
         mask = mask.to(torch.float32).expand(batch, 1, 1, position + 1).contiguous()
     return cos, sin, mask, keys.stride()[:3]
 
