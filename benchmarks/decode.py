@@ -5,13 +5,13 @@ neoxja (bf16, int8, nf4), measured in ONE run on a checkpoint with the ABEJA 2.7
     python benchmarks/decode.py                   # 8 layers
     python benchmarks/decode.py --layers 32       # the full 2.7B model (5.4 GB checkpoint in a temp dir)
 
-Decoding one token reads every weight the forward pass uses once (the input embedding contributes one row, the
-head all of it), so tokens/s can at best be `bandwidth / bytes read per token`: the "limit" of a format. The
-bandwidth is measured in the same run, before and after the engines (reading 1 GiB, best of 5 each time, same
-threads: see read_bandwidth) and inside every engine process before it loads its model and after it frees it (a
-PyTorch sum of 1 GiB, best of 3); the best of all probes is the bandwidth. Each engine runs alone in a fresh process, --rounds times with the engines taking
-turns (a slow spell of the shared host then does not hit one engine only); each figure is the best of its
---reps timings and rounds:
+Decoding one token reads every weight the forward pass uses once (the input embedding contributes one row, the head
+all of it), so tokens/s can at best be `bandwidth / bytes read per token`: the "limit" of a format. The bandwidth is
+measured in the same run, before and after the engines (reading 1 GiB, best of 5 each time, same threads: see
+read_bandwidth) and inside every engine process before it loads its model and after it frees it (a PyTorch sum of 1
+GiB, best of 3); the best of all probes is the bandwidth. Each engine runs alone in a fresh process, --rounds times
+with the engines taking turns (a slow spell of the shared host then does not hit one engine only); each figure is
+the best of its --reps timings and rounds:
 
 - decode tok/s: greedy, batch 1, a 16-token prompt; (time for 1 + N new tokens - time for 1) / N;
 - x ref: decode tok/s over the reference's bf16 decode tok/s;
