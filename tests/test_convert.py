@@ -141,12 +141,17 @@ def test_abeja_tokenizer_through_transformers(abeja_checkpoint, tmp_path):
                                    atol=1e-4, rtol=0)
 
 
+def _copy_checkpoint(source: Path, destination: Path) -> Path:
+    """A copy of a checkpoint directory that a test may edit."""
+    destination.mkdir()
+    for path in source.iterdir():
+        (destination / path.name).write_bytes(path.read_bytes())
+    return destination
+
+
 def test_abeja_tokenizer_config_gets_its_class(abeja_checkpoint, tmp_path):
     """A source whose tokenizer_config.json names no class still converts to one transformers loads right."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for path in abeja_checkpoint.iterdir():
-        (src / path.name).write_bytes(path.read_bytes())
+    src = _copy_checkpoint(abeja_checkpoint, tmp_path / "src")
     config = json.loads((src / "tokenizer_config.json").read_text())
     del config["tokenizer_class"]
     (src / "tokenizer_config.json").write_text(json.dumps(config))
@@ -372,10 +377,7 @@ def test_gguf_refusals(converted, tmp_path):
 
 
 def test_gguf_refuses_an_activation_llama_cpp_lacks(rinna_model_checkpoint, tmp_path):
-    src = tmp_path / "relu"
-    src.mkdir()
-    for path in rinna_model_checkpoint.iterdir():
-        (src / path.name).write_bytes(path.read_bytes())
+    src = _copy_checkpoint(rinna_model_checkpoint, tmp_path / "relu")
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
     with pytest.raises(ConfigError, match="GELU"):

@@ -435,10 +435,11 @@ static PyObject *py_gemv(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "iKiKiKKKKinnni", &fmt, &y, &ydt, &x, &xdt, &w, &scale, &code, &bias, &bdt, &M, &N,
                           &K, &nthreads))
         return NULL;
-    int64_t Kp = padded_k(K > 0 ? K : 1);
-    float *xp = aligned_alloc(64, (size_t)(MAX_M * Kp) * sizeof(float));
-    uint16_t *xb = aligned_alloc(64, (size_t)(MAX_M * Kp) * sizeof(uint16_t));
-    float *part = malloc((size_t)(N > 0 ? N : 1) * MAX_M * sizeof(float));
+    /* buffers for the rows asked for (sizes clamped to something valid: gemv_init rejects bad shapes below) */
+    int64_t Kp = padded_k(K > 0 ? K : 1), rows = M >= 1 && M <= MAX_M ? M : 1;
+    float *xp = aligned_alloc(64, (size_t)(rows * Kp) * sizeof(float));
+    uint16_t *xb = aligned_alloc(64, (size_t)(rows * Kp) * sizeof(uint16_t));
+    float *part = malloc((size_t)(N > 0 ? N : 1) * (size_t)rows * sizeof(float));
     Gemv g;
     int ok = xp && xb && part;
     if (ok && !gemv_init(&g, fmt, ydt, xdt, M, N, K, (const void *)w, (const float *)scale, (const float *)code,
@@ -828,7 +829,7 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *args)
                    (const float *)mask};
     if (!attention_valid(M, &a)) return NULL;
     int64_t I = l[2].N, widest = padded_k(I > H ? I : H);
-    if (H % 16 || l[0].K != H || l[0].N != 3 * H || heads * D != H || l[1].K != H || l[1].N != H ||
+    if (H < 16 || H % 16 || l[0].K != H || l[0].N != 3 * H || heads * D != H || l[1].K != H || l[1].N != H ||
         l[2].K != H || l[3].K != I || l[3].N != H || M > MAX_M) {
         PyErr_Format(PyExc_ValueError, "decode_layer: inconsistent shapes (M=%zd hidden=%zd intermediate=%lld)", M, H,
                      (long long)I);
@@ -837,9 +838,9 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *args)
     /* bf16 work rows: h (normed input), qkv, attn, d (attention output), r (residual), u (MLP hidden), o (MLP out) */
     size_t rows = (size_t)M * (size_t)(H + 3 * H + H + H + H + I + H);
     uint16_t *work = malloc(rows * sizeof(uint16_t));
-    float *xp = aligned_alloc(64, (size_t)(MAX_M * widest) * sizeof(float));
-    uint16_t *xb = aligned_alloc(64, (size_t)(MAX_M * widest) * sizeof(uint16_t));
-    float *part = malloc((size_t)(MAX_M * (3 * H > I ? 3 * H : I)) * sizeof(float));
+    float *xp = aligned_alloc(64, (size_t)(M * widest) * sizeof(float));
+    uint16_t *xb = aligned_alloc(64, (size_t)(M * widest) * sizeof(uint16_t));
+    float *part = malloc((size_t)(M * (3 * H > I ? 3 * H : I)) * sizeof(float));
     float *scores = malloc((size_t)nthreads * (size_t)(pos + 1) * sizeof(float));
     if (!work || !xp || !xb || !part || !scores) {
         free(work), free(xp), free(xb), free(part), free(scores);

@@ -104,29 +104,20 @@ def _bias(linear: nn.Linear) -> Tensor:
     return torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)
 
 
+# config fields a converted checkpoint keeps as they are
+_KEPT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "hidden_act", "max_position_embeddings", "initializer_range", "layer_norm_eps", "use_cache",
+                "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout", "hidden_dropout", "is_decoder",
+                "use_parallel_residual")
+
+
 def standard_config(model: nn.Module) -> GPTNeoXConfig:
     """The GPTNeoXConfig that describes `model` with the tensors of `standard_tensors`."""
     source = model.config
     return GPTNeoXConfig(
-        vocab_size=source.vocab_size,
-        hidden_size=source.hidden_size,
-        num_hidden_layers=source.num_hidden_layers,
-        num_attention_heads=source.num_attention_heads,
-        intermediate_size=source.intermediate_size,
-        hidden_act=source.hidden_act,
-        max_position_embeddings=source.max_position_embeddings,
-        initializer_range=source.initializer_range,
-        layer_norm_eps=source.layer_norm_eps,
-        use_cache=source.use_cache,
-        bos_token_id=source.bos_token_id,
-        eos_token_id=source.eos_token_id,
-        pad_token_id=source.pad_token_id,
+        **{name: getattr(source, name) for name in _KEPT_FIELDS},
         rope_parameters=dict(source.rope_parameters),
-        attention_dropout=source.attention_dropout,
-        hidden_dropout=source.hidden_dropout,
-        is_decoder=source.is_decoder,
         tie_word_embeddings=model.heads_tied,  # a differing saved head was kept: say so
-        use_parallel_residual=source.use_parallel_residual,
         attention_bias=True,
         dtype=str(model.dtype).replace("torch.", ""),
         extra=dict(source.extra),

@@ -288,18 +288,17 @@ def decode_layer(x: torch.Tensor, specs: list[GemvSpec], norms: tuple, dense_bia
     params = [w1, w2] + [b for b in (b1, b2) if b is not None]
     if any(p.dtype != w1.dtype or p.dtype not in _DT or not p.is_contiguous() for p in params):
         raise InputError("decode_layer: the layer norms' parameters must be contiguous, in one dtype (fp32 or bf16)")
+    if any(b is not None and (b.dtype not in _DT or not b.is_contiguous()) for b in [s[4] for s in specs] +
+           [dense_bias]):
+        raise InputError("decode_layer: the biases must be contiguous fp32 or bf16 tensors")
     linears = []
     for fmt, w, scale_, code, bias, in_features in specs:
-        if bias is not None and (bias.dtype not in _DT or not bias.is_contiguous()):
-            raise InputError("decode_layer: a linear layer's bias must be a contiguous fp32 or bf16 tensor")
         linears.append((getattr(_native, _FORMATS[fmt]), w.data_ptr(), 0 if scale_ is None else scale_.data_ptr(),
                         0 if code is None else code.data_ptr(), 0 if bias is None else bias.data_ptr(),
                         0 if bias is None else _DT[bias.dtype], w.shape[0], in_features))
     x = x.contiguous()
     out = torch.empty_like(x)
     cos, sin, mask, strides = _attention_inputs(x.dtype, batch, cos, sin, keys, position, mask)
-    if dense_bias is not None and (dense_bias.dtype not in _DT or not dense_bias.is_contiguous()):
-        raise InputError("decode_layer: dense_bias must be a contiguous fp32 or bf16 tensor")
     _native.decode_layer(
         x.data_ptr(), out.data_ptr(), batch, *linears, w1.data_ptr(), 0 if b1 is None else b1.data_ptr(),
         w2.data_ptr(), 0 if b2 is None else b2.data_ptr(), eps1,
