@@ -9,15 +9,20 @@ Decoding one token reads every weight the forward pass uses once (the input embe
 all of it), so tokens/s can at best be `bandwidth / bytes read per token`: the "limit" of a format. The bandwidth is
 measured in the same run, before and after the engines (reading 1 GiB, best of 5 each time, same threads: see
 read_bandwidth) and inside every engine process before it loads its model and after it frees it (a PyTorch sum of 1
-GiB, best of 3); the best of all probes is the bandwidth. Each engine runs alone in a fresh process, --rounds times
-with the engines taking turns (a slow spell of the shared host then does not hit one engine only); each figure is
-the best of its --reps timings and rounds:
+GiB, best of 3), and around every decode timing (see `bf16 limit then`); the best of all probes is the bandwidth.
+Each engine runs alone in a fresh process, --rounds times with the engines taking turns (a slow spell of the shared
+host then does not hit one engine only); each figure is the best of its --reps timings and rounds:
 
 - decode tok/s: greedy, batch 1, a 16-token prompt; (time for 1 + N new tokens - time for 1) / N;
 - x ref: decode tok/s over the reference's bf16 decode tok/s;
 - own limit: decode tok/s as a fraction of bandwidth / (the engine's own bytes per token);
 - bf16 limit: decode tok/s as a fraction of the bf16 limit (the issue's goals: bf16 >= 0.8, int8 >= 1.5,
-  nf4 >= 2.5);
+  nf4 >= 2.5), against the best probe of the whole run: the strictest reading, since an engine timed in a busy spell
+  is judged against bandwidth it never had;
+- bf16 limit then: the same fraction against the bandwidth of the moment: each decode timing sits between two
+  probes in its own process (reading the model's bf16 head, 164 MB, through neoxja's GEMV, best of 3; the faster
+  probe counts) and the best timing-to-probe ratio is kept. Where a kernel keeps up with memory this stays put when
+  the host's bandwidth moves; where it is compute-bound it rises in busy spells;
 - prefill tok/s: one forward pass over a 512-token prompt; TTFT: generate(max_new_tokens=1) on that prompt;
 - batch-8 tok/s: greedy decoding of 8 prompts at once, new tokens of all rows per second;
 - peak RSS: the process's peak resident memory (GB).
@@ -95,21 +100,35 @@ def generate(model, ids, n):  # min_new_tokens = max_new_tokens: no early stop a
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                           do_sample=False, pad_token_id=0)
 
+def probe_head(head):  # GB/s of reading the head's weights (bf16, 164 MB) through neoxja's GEMV, best of 3
+    from neoxja import kernels
+    x, best = torch.ones(1, head.shape[1], dtype=torch.bfloat16), float("inf")
+    for _ in range(3):
+        best = min(best, timed(lambda: kernels.linear_bf16(x, head)))
+    return head.numel() * head.element_size() / best / 1e9
+
 model = load()
+head = model.get_output_embeddings().weight.detach().to(torch.bfloat16)
+decode, local = [], []
 with torch.no_grad():
     generate(model, prompt, 2)  # warm-up: kernels' one-time set-up
-    first = min(timed(lambda: generate(model, prompt, 1)) for _ in range(reps))
-    full = min(timed(lambda: generate(model, prompt, 1 + new)) for _ in range(reps))
+    for _ in range(reps):  # each timing between two probes of the bandwidth the host gives at that moment
+        before = probe_head(head)
+        first = timed(lambda: generate(model, prompt, 1))
+        full = timed(lambda: generate(model, prompt, 1 + new))
+        local.append(max(before, probe_head(head)))
+        decode.append(new / (full - first))
     prefill = min(timed(lambda: model(long_prompt)) for _ in range(max(1, reps - 1)))
     ttft = min(timed(lambda: generate(model, long_prompt, 1)) for _ in range(max(1, reps - 1)))
     batch_first = timed(lambda: generate(model, batch, 1))
     batch_full = timed(lambda: generate(model, batch, 1 + new))
 nbytes, peak_rss = bytes_per_token(model), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-del model
+del model, head
 gc.collect()
 bandwidth.append(probe())
 print(json.dumps({
-    "decode": new / (full - first), "prefill": 512 / prefill, "ttft": ttft,
+    "decode": max(decode), "decode_per_gbs": max(d / b for d, b in zip(decode, local)), "local": local,
+    "prefill": 512 / prefill, "ttft": ttft,
     "batch8": 8 * new / (batch_full - batch_first), "bytes": nbytes, "peak_rss": peak_rss, "bandwidth": bandwidth,
 }))
 """
@@ -176,17 +195,20 @@ def main() -> None:
                 rounds[run].append(measure(*run, path, args.threads, args.new_tokens, args.reps))
         probes = [bandwidth, read_bandwidth(args.threads)]
         probes += [gbs for rs in rounds.values() for r in rs for gbs in r.pop("bandwidth")]
+        local = [gbs for rs in rounds.values() for r in rs for gbs in r.pop("local")]
         results = {run: best_of_rounds(r) for run, r in rounds.items()}
+        probes += local
         bandwidth = max(probes)
     bf16_bytes = results.get(("neoxja", "bf16"), results.get(("transformers", "bf16")))["bytes"]
     reference = results.get(("transformers", "bf16"), {}).get("decode")
     print(f"checkpoint: ABEJA 2.7B width (hidden 2560, 32 heads, vocab 32000), {args.layers} layers; "
           f"{args.threads} threads; read bandwidth {bandwidth:.1f} GB/s (best of {len(probes)} probes, which read "
-          f"{min(probes):.0f}-{max(probes):.0f} GB/s); bf16 limit "
-          f"{bandwidth * 1e9 / bf16_bytes:.2f} tok/s")
+          f"{min(probes):.0f}-{bandwidth:.0f} GB/s); bf16 limit "
+          f"{bandwidth * 1e9 / bf16_bytes:.2f} tok/s; the probes around the decode timings read "
+          f"{min(local):.0f}-{max(local):.0f} GB/s")
     header = (f"| {'engine':<18} | {'MB/token':>8} | {'decode tok/s':>12} | {'x ref':>5} | {'own limit':>9} | "
-              f"{'bf16 limit':>10} | {'prefill tok/s':>13} | {'TTFT 512 s':>10} | {'batch-8 tok/s':>13} | "
-              f"{'peak RSS GB':>11} |")
+              f"{'bf16 limit':>10} | {'bf16 limit then':>15} | {'prefill tok/s':>13} | {'TTFT 512 s':>10} | "
+              f"{'batch-8 tok/s':>13} | {'peak RSS GB':>11} |")
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
     for (engine, fmt), r in results.items():
@@ -194,7 +216,8 @@ def main() -> None:
         bf16_limit = bandwidth * 1e9 / bf16_bytes
         x_ref = f"{r['decode'] / reference:.2f}" if reference else "-"
         print(f"| {engine + ' ' + fmt:<18} | {r['bytes'] / 1e6:>8.0f} | {r['decode']:>12.2f} | {x_ref:>5} | "
-              f"{r['decode'] / own_limit:>9.2f} | {r['decode'] / bf16_limit:>10.2f} | {r['prefill']:>13.1f} | "
+              f"{r['decode'] / own_limit:>9.2f} | {r['decode'] / bf16_limit:>10.2f} | "
+              f"{r['decode_per_gbs'] * bf16_bytes / 1e9:>15.2f} | {r['prefill']:>13.1f} | "
               f"{r['ttft']:>10.2f} | {r['batch8']:>13.1f} | {r['peak_rss'] / 1e9:>11.2f} |")
 
 
