@@ -249,6 +249,30 @@ def test_quantized_linear_matches_dequantized(kind: str, native: bool):
         assert torch.allclose(layer(x3), layer(x3.view(6, k)).view(2, 3, n), rtol=1e-5, atol=1e-6)
 
 
+def test_int8_activation_rows_of_every_kind(native: bool):
+    """Activation rows of every kind through an int8 layer, each judged on its own scale: a row whose absmax is an
+    outlier a thousand times its other values, a zero row, K % 64 == 32 and long rows stay at fp32 accuracy, and a
+    row holding inf or NaN gives no finite output without touching the other rows of its batch."""
+    for n, k in [(40, 96), (24, 2592)]:
+        layer = Int8Linear.from_linear(_linear(n, k, bias=True, seed=k))
+        w, b = layer.dequantize().double(), layer.bias.detach().double()
+        for rows in (1, 4, 8):
+            x = torch.randn(rows, k) * 1e-3
+            x[0, 5] = 3.0  # an activation outlier: every other value is ~1000x smaller
+            if rows > 1:
+                x[1] = 0.0
+            ref = F.linear(x.double(), w, b)
+            y = layer(x)
+            for row in range(rows):  # row by row: each has its own scale
+                scale = (x[row].double().abs() @ w.abs().T + b.abs()).max()
+                assert (y[row].double() - ref[row]).abs().max() <= 1e-5 * scale
+            if rows > 2:
+                x[2, 7], x[3 % rows, 9] = float("inf"), float("nan")
+                y = layer(x)
+                assert not y[2:4].isfinite().any()
+                assert torch.allclose(y[:2], layer(x[:2]), rtol=1e-5, atol=1e-6) and y[4:].isfinite().all()
+
+
 def test_gradients_flow_to_the_activations():
     layer = Linear4bit.from_linear(_linear(16, 128), "nf4")
     x = torch.randn(2, 128, requires_grad=True)
