@@ -8,8 +8,8 @@ neoxja (bf16, int8, nf4), measured in ONE run on a checkpoint with the ABEJA 2.7
 Decoding one token reads every weight the forward pass uses once (the input embedding contributes one row, the head
 all of it), so tokens/s can at best be `bandwidth / bytes read per token`: the "limit" of a format. The bandwidth is
 measured in the same run, before and after the engines (reading 1 GiB, best of 5 each time, same threads: see
-read_bandwidth) and inside every engine process before it loads its model and after it frees it (a PyTorch sum of 1
-GiB, best of 3), and around every decode timing (see `bf16 limit then`); the best of all probes is the bandwidth.
+read_bandwidth) and inside every engine process before it loads its model and after it frees it (a PyTorch sum of
+256 MiB, best of 3), and around every decode timing (see `bf16 limit then`); the best of all probes is the bandwidth.
 Each engine runs alone in a fresh process, --rounds times with the engines taking turns (a slow spell of the shared
 host then does not hit one engine only); each figure is the best of its --reps timings and rounds:
 
@@ -44,12 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import write_checkpoint  # noqa: E402  (the same 2.7B-shaped random checkpoint)
 
 CHILD = r"""
-import gc, json, resource, sys, time, torch
+import gc, json, re, sys, time, torch
 engine, fmt, path, threads, new, reps = sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
 torch.set_num_threads(threads)
 
-def probe():  # GB/s of summing 1 GiB, best of 3 (taken while no model is loaded: it must not add to peak RSS)
-    data, best = torch.ones(256 * 1024 * 1024), float("inf")
+def probe():  # GB/s of summing 256 MiB (8x the L3 cache), best of 3; small, so it does not set the peak RSS
+    data, best = torch.ones(64 * 1024 * 1024), float("inf")
     for _ in range(3):
         start = time.perf_counter()
         data.sum()
@@ -122,7 +122,9 @@ with torch.no_grad():
     ttft = min(timed(lambda: generate(model, long_prompt, 1)) for _ in range(max(1, reps - 1)))
     batch_first = timed(lambda: generate(model, batch, 1))
     batch_full = timed(lambda: generate(model, batch, 1 + new))
-nbytes, peak_rss = bytes_per_token(model), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# this process's own high-water mark (ru_maxrss would also count the parent's, inherited at fork)
+peak_rss = int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+nbytes = bytes_per_token(model)
 del model, head
 gc.collect()
 bandwidth.append(probe())
