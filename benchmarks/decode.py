@@ -187,19 +187,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = Path(tmp) / "ckpt"
         write_checkpoint(path, args.layers)
-        # memory bandwidth on a shared host moves with the neighbours' load (here between ~33 and ~65 GB/s, in
-        # spells of minutes): probe before and after the engines and in every engine process before it loads and
-        # after it frees its model, and take the best, so that no engine is judged against a momentary dip
+        # memory bandwidth on a shared host moves with the neighbours' load (here between ~31 and ~67 GB/s, in
+        # spells of minutes): probe before and after the engines, in every engine process before it loads and after
+        # it frees its model, and around every decode timing; the best is the strict bandwidth
         bandwidth = read_bandwidth(args.threads)
         rounds: dict[tuple[str, str], list[dict]] = {run: [] for run in runs}
         for _ in range(args.rounds):  # engines take turns, so a slow spell of the host does not hit only one
             for run in runs:
                 rounds[run].append(measure(*run, path, args.threads, args.new_tokens, args.reps))
-        probes = [bandwidth, read_bandwidth(args.threads)]
-        probes += [gbs for rs in rounds.values() for r in rs for gbs in r.pop("bandwidth")]
         local = [gbs for rs in rounds.values() for r in rs for gbs in r.pop("local")]
+        probes = [bandwidth, read_bandwidth(args.threads), *local]
+        probes += [gbs for rs in rounds.values() for r in rs for gbs in r.pop("bandwidth")]
         results = {run: best_of_rounds(r) for run, r in rounds.items()}
-        probes += local
         bandwidth = max(probes)
     bf16_bytes = results.get(("neoxja", "bf16"), results.get(("transformers", "bf16")))["bytes"]
     reference = results.get(("transformers", "bf16"), {}).get("decode")

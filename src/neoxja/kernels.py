@@ -213,6 +213,12 @@ def fused_decode_ready(qkv: torch.Tensor, heads: int) -> bool:
             and not torch.is_grad_enabled())
 
 
+def cache_suits(keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the KV cache buffers are laid out as the native attention writes them: in `dtype`, with one set of
+    strides for both and the head dimension contiguous."""
+    return keys.dtype == dtype and keys.stride(-1) == 1 and keys.stride() == values.stride()
+
+
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                      values: torch.Tensor, position: int, heads: int, scale: float,
                      mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -225,9 +231,8 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ke
     size, bf16 most of all (~1 ms per layer at 512 cached tokens)."""
     batch = qkv.shape[0]
     dim = qkv.shape[2] // (3 * heads)
-    rot = cos.shape[-1]
-    if not fused_decode_ready(qkv, heads) or keys.shape[0] != batch or keys.shape[2] <= position \
-            or keys.stride() != values.stride() or keys.stride(-1) != 1 or keys.dtype != qkv.dtype:
+    if (not fused_decode_ready(qkv, heads) or keys.shape[0] != batch or keys.shape[2] <= position
+            or not cache_suits(keys, values, qkv.dtype)):
         raise InputError("decode_attention: these tensors do not suit the native kernel (check fused_decode_ready)")
     qkv = qkv.contiguous()
     out = qkv.new_empty(batch, 1, heads * dim)
@@ -281,8 +286,8 @@ def decode_layer(x: torch.Tensor, specs: list[GemvSpec], norms: tuple, dense_bia
     stores in bf16 is rounded here at the same point; the layer norms and the GELU (erf from a 1.2e-7 fit) use their
     own fp32 arithmetic, so outputs agree with the module path to within one bf16 rounding of a few elements."""
     batch, _, hidden = x.shape
-    if not decode_layer_ready(x, heads, specs) or keys.shape[0] != batch or keys.shape[2] <= position \
-            or keys.stride() != values.stride() or keys.stride(-1) != 1 or keys.dtype != x.dtype:
+    if (not decode_layer_ready(x, heads, specs) or keys.shape[0] != batch or keys.shape[2] <= position
+            or not cache_suits(keys, values, x.dtype)):
         raise InputError("decode_layer: these tensors do not suit the native kernel (check decode_layer_ready)")
     (w1, b1, eps1), (w2, b2, eps2) = norms
     params = [w1, w2] + [b for b in (b1, b2) if b is not None]

@@ -337,7 +337,7 @@ class Attention(nn.Module):
                 and kernels.fused_decode_ready(qkv, self.num_heads)):  # decoding: rotary, cache write, attention
             keys, values = cache.reserve(self.layer_index, 1, qkv, (batch, self.num_heads), self.head_dim,
                                          self.head_dim)
-            if keys.dtype == qkv.dtype and keys.stride(-1) == 1 and keys.stride() == values.stride():
+            if kernels.cache_suits(keys, values, qkv.dtype):
                 position = cache.lengths[self.layer_index]
                 out = kernels.decode_attention(qkv, cos, sin, keys, values, position, self.num_heads, self.scale,
                                                mask)
@@ -430,7 +430,7 @@ class Layer(nn.Module):
         index = attention.layer_index
         keys, values = cache.reserve(index, 1, x, (x.shape[0], attention.num_heads), attention.head_dim,
                                      attention.head_dim)
-        if keys.dtype != x.dtype or keys.stride(-1) != 1 or keys.stride() != values.stride():
+        if not kernels.cache_suits(keys, values, x.dtype):
             return None
         position = cache.lengths[index]
         out = kernels.decode_layer(x, specs, tuple((norm.weight, norm.bias, norm.eps) for norm in norms),
