@@ -155,9 +155,9 @@ INLINE void decode4(__m512i line, int t, __m512 code, __m512 *w0, __m512 *w1)
    STREAMS) `ahead` is counted in rows of the same stream.
    STREAMS (M = 1): a thread's rows are cut into R runs and a tile takes the i-th row of every run, so the thread
    reads R long sequential streams instead of R short ones per tile. Measured on 2 cores with 1 GiB of weights
-   (benchmarks/matmul.py, quiet host): bf16 48 -> 57 GB/s with a prefetch 2 rows ahead, 4-bit 43 -> 45 GB/s with none
-   (its decoding work leaves the prefetcher time); int8, whose decoding costs most, stays on contiguous tiles
-   (53 GB/s there, 49-52 strided). */
+   (benchmarks/matmul.py, quiet host): bf16 48 -> 57 GB/s with a prefetch 2 rows ahead; 4-bit, see dot4_one_row.
+   int8, whose decoding costs most, stays on contiguous tiles (55 GB/s there, 51-52 strided with a prefetch 2 or 3
+   rows ahead, 53-54 with dot4_one_row's out-of-line treatment). */
 
 INLINE void zero(int R, int M, __m512 acc[][MAX_M])
 {
@@ -286,6 +286,62 @@ INLINE void tile_4bit(int dot, int R, int M, int64_t n, int64_t stride, int ahea
     add_partials(R, M, stride, acc, part);
 }
 
+#ifdef __AVX512BF16__
+/* tile_4bit's bf16 path for one activation row (the same arithmetic in the same order), out of line, with one
+   pointer per row, prefetching `ahead` bytes further along each row's stream (see PREFETCH). Inlined into gemv_rows,
+   GCC kept the row addresses in vector registers (20-28 vmovq per four lines). Measured on 2 cores, pools of 1 GiB
+   of each ABEJA 2.7B shape, quiet host (GB/s, inlined without prefetch -> inlined with -> this): dense_4h_to_h
+   (5120-byte rows) 39 -> 47.5 -> 52; query_key_value 50 -> 46 -> 48.5; dense_h_to_4h 48.5 -> 46 -> 50.5;
+   attention.dense 45 -> 41 -> 43.5 (weighted by bytes per layer: 8 % less time). One core in L2 reads the same 25 GB/s all three ways: what changed is how the
+   loop's work overlaps the memory stream, not its count of vector operations (4 vpermw, 3 shifts, 4 vdpbf16ps and
+   2 FMAs per 64-byte line, which bound it at ~8 cycles a line). `ahead` = 0 skips the prefetches; the test on it
+   also keeps GCC from gathering the four prefetches at the top of the loop, which measured 2-3 % slower. */
+INLINE void dot4_one_row(int R, const uint8_t *w, const float *absmax, int64_t n, int64_t stride, int64_t K,
+                         int64_t ahead, const uint16_t *xb, __m512i codebf, float *part)
+{
+    const uint8_t *p[4];
+    const float *a[4];
+    __m512 acc[4];
+    for (int r = 0; r < R; r++) {
+        p[r] = w + (n + r * stride) * (K / 2);
+        a[r] = absmax + (n + r * stride) * (K / 64);
+        acc[r] = _mm512_setzero_ps();
+    }
+    for (const uint16_t *x = xb, *end = xb + K; x < end; x += 128) {
+        __m512bh x0 = (__m512bh)_mm512_loadu_si512(x), x1 = (__m512bh)_mm512_loadu_si512(x + 32);
+        __m512bh x2 = (__m512bh)_mm512_loadu_si512(x + 64), x3 = (__m512bh)_mm512_loadu_si512(x + 96);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            if (ahead) _mm_prefetch((const char *)p[r] + ahead, _MM_HINT_T1); /* keeps each prefetch by its load */
+            __m512i line = _mm512_loadu_si512(p[r]);
+            __m512 s0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_permutexvar_epi16(line, codebf), x0);
+            s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(line, 4), codebf), x1);
+            __m512 s1 = _mm512_dpbf16_ps(_mm512_setzero_ps(),
+                                         (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(line, 8), codebf), x2);
+            s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(line, 12), codebf), x3);
+            acc[r] = _mm512_fmadd_ps(s0, _mm512_set1_ps(a[r][0]), acc[r]);
+            acc[r] = _mm512_fmadd_ps(s1, _mm512_set1_ps(a[r][1]), acc[r]);
+            p[r] += 64, a[r] += 2;
+        }
+    }
+    for (int r = 0; r < R; r++) part[r * stride] += _mm512_reduce_add_ps(acc[r]);
+}
+
+static __attribute__((noinline)) void dot4_one_row_4(const uint8_t *w, const float *absmax, int64_t n,
+                                                     int64_t stride, int64_t K, int64_t ahead, const uint16_t *xb,
+                                                     __m512i codebf, float *part)
+{
+    dot4_one_row(4, w, absmax, n, stride, K, ahead, xb, codebf, part);
+}
+
+static __attribute__((noinline)) void dot4_one_row_1(const uint8_t *w, const float *absmax, int64_t n,
+                                                     int64_t stride, int64_t K, int64_t ahead, const uint16_t *xb,
+                                                     __m512i codebf, float *part)
+{
+    dot4_one_row(1, w, absmax, n, stride, K, ahead, xb, codebf, part);
+}
+#endif
+
 typedef struct {
     int fmt, ydt, bdt;
     int64_t M, N, K; /* K: row length of w in elements (padded Kp for FMT_4BIT) */
@@ -304,6 +360,11 @@ INLINE void tile(const Gemv *g, int fmt, int R, int M, int64_t n, int64_t stride
 #ifdef __AVX512BF16__
     if (fmt == FMT_BF16 && g->xb) {
         tile_bf16_dot(R, M, n, stride, ahead, g->w, g->K, k0, k1, g->xb, part);
+        return;
+    }
+    if (fmt == FMT_4BIT && g->xb && M == 1 && (R == 4 || R == 1)) {
+        (R == 4 ? dot4_one_row_4 : dot4_one_row_1)(g->w, g->scale, n, stride, g->K, ahead * (g->K / 2), g->xb,
+                                                    codebf, part);
         return;
     }
 #endif
@@ -328,11 +389,10 @@ INLINE void gemv_rows(const Gemv *g, int fmt, int R, int M, int64_t n0, int64_t 
     for (int i = 0; i < 32; i++) table[i] = fmt == FMT_4BIT ? f32_to_bf16(g->code[i & 15]) : 0;
     __m512i codebf = _mm512_loadu_si512(table);
     memset(part, 0, (size_t)((n1 - n0) * M) * sizeof(float));
-    if (M == 1 && fmt != FMT_INT8) { /* see STREAMS */
+    if (M == 1 && fmt != FMT_INT8) { /* see STREAMS; both formats prefetch 2 rows ahead */
         int64_t run = (n1 - n0) / R, n = n0 + R * run;
-        int ahead = fmt == FMT_BF16 ? 2 : 0;
-        for (int64_t i = 0; i < run; i++) tile(g, fmt, R, M, n0 + i, run, ahead, 0, g->K, code, codebf, part + i);
-        for (; n < n1; n++) tile(g, fmt, 1, M, n, 1, ahead, 0, g->K, code, codebf, part + (n - n0));
+        for (int64_t i = 0; i < run; i++) tile(g, fmt, R, M, n0 + i, run, 2, 0, g->K, code, codebf, part + i);
+        for (; n < n1; n++) tile(g, fmt, 1, M, n, 1, 2, 0, g->K, code, codebf, part + (n - n0));
     } else
         for (int64_t k0 = 0; k0 < g->K; k0 += kblock) {
             int64_t k1 = k0 + kblock < g->K ? k0 + kblock : g->K, n = n0;
