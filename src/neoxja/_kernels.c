@@ -292,9 +292,10 @@ INLINE void tile_4bit(int dot, int R, int M, int64_t n, int64_t stride, int ahea
    GCC kept the row addresses in vector registers (20-28 vmovq per four lines). Measured on 2 cores, pools of 1 GiB
    of each ABEJA 2.7B shape, quiet host (GB/s, inlined without prefetch -> inlined with -> this): dense_4h_to_h
    (5120-byte rows) 39 -> 47.5 -> 52; query_key_value 50 -> 46 -> 48.5; dense_h_to_4h 48.5 -> 46 -> 50.5;
-   attention.dense 45 -> 41 -> 43.5 (weighted by bytes per layer: 8 % less time). One core in L2 reads the same 25 GB/s all three ways: what changed is how the
-   loop's work overlaps the memory stream, not its count of vector operations (4 vpermw, 3 shifts, 4 vdpbf16ps and
-   2 FMAs per 64-byte line, which bound it at ~8 cycles a line). `ahead` = 0 skips the prefetches; the test on it
+   attention.dense 45 -> 41 -> 43.5 (weighted by bytes per layer: about 9 % less time). One core in L2 reads the
+   same 25 GB/s all three ways: what changed is how the loop's work overlaps the memory stream, not its count of
+   vector operations (4 vpermw, 3 shifts, 4 vdpbf16ps and 2 FMAs per 64-byte line, which bound it at ~8 cycles a
+   line). `ahead` = 0 skips the prefetches; the test on it
    also keeps GCC from gathering the four prefetches at the top of the loop, which measured 2-3 % slower. */
 INLINE void dot4_one_row(int R, const uint8_t *w, const float *absmax, int64_t n, int64_t stride, int64_t K,
                          int64_t ahead, const uint16_t *xb, __m512i codebf, float *part)
