@@ -168,7 +168,7 @@ def test_fused_decode_step_equals_the_separate_ops(tmp_path: Path, monkeypatch, 
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
 
-    monkeypatch.setattr(kernels, "decode_layer_ready", lambda *args: False)  # the layer's own kernel: tested below
+    monkeypatch.setattr(kernels, "decode_ready", lambda *args: False)  # the whole-layer kernel: tested below
 
     def decode(fused: bool) -> torch.Tensor:
         monkeypatch.setattr(kernels, "fused_decode_ready", lambda qkv, heads: fused)
@@ -211,10 +211,10 @@ QUANTIZATION = {
 
 @pytest.mark.parametrize("fmt", sorted(QUANTIZATION))
 @pytest.mark.parametrize("arch", ["abeja", "rinna"])
-def test_decode_layer_equals_the_module_path(tmp_path: Path, monkeypatch, arch: str, fmt: str):
-    """kernels.decode_layer (a whole layer per native call) against the same model's modules one by one: ABEJA's
-    sequential residual with the last layer's separate dense bias, rinna's parallel residual with partial rotary and
-    biases everywhere; a left-padded batch of 3; bf16, int8 and nf4 weights."""
+def test_decode_layers_equal_the_module_path(tmp_path: Path, monkeypatch, arch: str, fmt: str):
+    """kernels.decode_layers (all layers of a decode step in one native call) against the same model's modules one
+    by one: ABEJA's sequential residual with the last layer's separate dense bias, rinna's parallel residual with
+    partial rotary and biases everywhere; a left-padded batch of 3; bf16, int8 and nf4 weights."""
     _require_native()
     if arch == "abeja":
         reference = japanese_reference(hidden_size=256, num_attention_heads=4, rotary_pct=0.5)
@@ -226,60 +226,119 @@ def test_decode_layer_equals_the_module_path(tmp_path: Path, monkeypatch, arch: 
     ids = torch.randint(3, 128, (3, 10), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
-    native_calls = []
-    native_layer = kernels._native.decode_layer
-    monkeypatch.setattr(kernels._native, "decode_layer", lambda *args: native_calls.append(1) or native_layer(*args))
+    runs = _native_runs(monkeypatch)
     fused = _decode_logits(model, ids, mask, 5)
-    assert len(native_calls) == 5 * model.config.num_hidden_layers  # every decode step of every layer
-    monkeypatch.setattr(kernels, "decode_layer_ready", lambda *args: False)
+    assert runs == [model.config.num_hidden_layers] * 5  # every decode step: all layers in one call
+    monkeypatch.setattr(kernels, "decode_ready", lambda *args: False)
     modules = _decode_logits(model, ids, mask, 5)
     # the layer norms and GELU round their own fp32 arithmetic: a few bf16 values may differ by one rounding
     torch.testing.assert_close(fused, modules, rtol=0, atol=0.02 * float(modules.abs().max()))
     assert torch.equal(fused.argmax(-1), modules.argmax(-1))
 
 
-def test_decode_layer_leaves_unsuitable_layers_to_the_modules(monkeypatch):
+def _native_runs(monkeypatch) -> list[int]:
+    """Records the number of layers of each native decode_layers call (its cache pointers: two per layer)."""
+    runs: list[int] = []
+    native = kernels._native.decode_layers
+
+    def counted(*args):
+        runs.append(len(args[6]) // 16)
+        return native(*args)
+
+    monkeypatch.setattr(kernels._native, "decode_layers", counted)
+    return runs
+
+
+def test_decode_layers_leave_unsuitable_layers_to_the_modules(monkeypatch):
     """Layers the kernel cannot read (4-bit weights in the flat layout, as the demo model's width 224 gets) decode
     through the modules, with the same result as without the kernel."""
     _require_native()
     model = neoxja.AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.bfloat16,
                                                         quantization_config=QUANTIZATION["nf4"])
     assert model.gpt_neox_japanese.layers[0].mlp.dense_h_to_4h.gemv_spec() is None
-    called = []
-    monkeypatch.setattr(kernels._native, "decode_layer", lambda *args: called.append(1))
+    runs = _native_runs(monkeypatch)
     ids = torch.randint(3, 1000, (1, 6), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         model.generate(ids, max_new_tokens=3, do_sample=False)
-    assert not called
+    assert not runs
 
 
-def test_decode_layer_steps_aside_for_hooks(tmp_path: Path):
-    """A forward hook on a submodule (say, to record the MLP's output) must fire on every decode step, so a layer
-    with hooked submodules runs its modules."""
+@pytest.mark.parametrize("hooked", ["mlp", "layer"])
+def test_decode_layers_step_aside_for_hooks(tmp_path: Path, monkeypatch, hooked: str):
+    """A forward hook on a layer or inside it (say, to record the MLP's output) must fire on every decode step, so
+    that layer runs its modules; the layers before and after it still run natively."""
     _require_native()
-    japanese_reference(hidden_size=64).save_pretrained(tmp_path)
+    japanese_reference(hidden_size=64, num_hidden_layers=4).save_pretrained(tmp_path)
     model = neoxja.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     seen = []
-    model.gpt_neox_japanese.layers[1].mlp.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
+    layer = model.gpt_neox_japanese.layers[1]
+    (layer.mlp if hooked == "mlp" else layer).register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    runs = _native_runs(monkeypatch)
     ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert seen == [5, 1, 1, 1]  # the prompt, then one call per decoded token
+    assert runs == [1, 2] * 3  # layer 0, then layers 2 and 3, at each decode step
 
 
-def test_decode_layer_refuses_tensors_it_cannot_read():
+def test_decode_plans_follow_the_weights(tmp_path: Path, monkeypatch):
+    """A layer's decode plan points at its weights: replacing a weight, a whole linear layer, or a dtype round trip
+    must change what the native step computes exactly as it changes the modules' result."""
+    _require_native()
+    japanese_reference(hidden_size=64).save_pretrained(tmp_path)
+    model = neoxja.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        native = _decode_logits(model, ids, mask, 4)
+        with monkeypatch.context() as patch:
+            patch.setattr(kernels, "decode_ready", lambda *args: False)
+            return native, _decode_logits(model, ids, mask, 4)
+
+    runs = _native_runs(monkeypatch)
+    before, _ = both()
+    layers = model.gpt_neox_japanese.layers
+    attention = layers[0].attention
+    attention.dense.weight = torch.nn.Parameter(attention.dense.weight.detach() * 3, requires_grad=False)
+    layers[1].mlp.dense_4h_to_h.weight.data = layers[1].mlp.dense_4h_to_h.weight.data.flip(0).contiguous()
+    replacement = neoxja.modeling.Linear(64, 192, bias=False).to(torch.bfloat16)
+    torch.nn.init.normal_(replacement.weight, std=0.2)
+    attention.query_key_value = replacement
+    model.float().to(torch.bfloat16)
+    native, modules = both()
+    assert runs == [3] * 8  # both times, 4 decode steps of all three layers in one call
+    assert not torch.allclose(native, before)
+    torch.testing.assert_close(native, modules, rtol=0, atol=0.02 * float(modules.abs().max()))
+
+
+def test_decode_layers_refuse_tensors_they_cannot_read():
     _require_native()
     layer = Linear(64, 192, bias=False).bfloat16()
     spec = layer.gemv_spec()
+    square = Linear(64, 64, bias=False).bfloat16().gemv_spec()
+    wide = Linear(64, 256, bias=False).bfloat16().gemv_spec()
+    narrow = Linear(256, 64, bias=False).bfloat16().gemv_spec()
+    norm = (torch.ones(64, dtype=torch.bfloat16), None, 1e-5)
+    plan = kernels.layer_plan([spec, square, wide, narrow], (norm, norm), None, True, 4, 0.25)
+    assert isinstance(plan, bytes)
+    # layers the kernel cannot read get no plan (they run their modules)
+    assert kernels.layer_plan([spec, square, wide, None], (norm, norm), None, True, 4, 0.25) is None
+    assert kernels.layer_plan([spec, square, wide, narrow], (norm, (norm[0].float(), None, 1e-5)), None, True, 4,
+                              0.25) is None  # norm parameters in two dtypes
+    assert kernels.layer_plan([spec, square, wide, narrow], (norm, (norm[0][:32], None, 1e-5)), None, True, 4,
+                              0.25) is None  # a norm of the wrong width
+    assert kernels.layer_plan([spec] * 4, (norm, norm), None, True, 4, 0.25) is None  # qkv's shape where dense's is
     x = torch.randn(1, 1, 64).bfloat16()
     keys = torch.zeros(1, 4, 8, 16, dtype=torch.bfloat16)
-    norm = (torch.ones(64, dtype=torch.bfloat16), None, 1e-5)
     cos = sin = torch.ones(1, 1, 1, 16, dtype=torch.bfloat16)
     with torch.no_grad():
-        with pytest.raises(InputError, match="do not suit"):
-            kernels.decode_layer(x.float(), [spec] * 4, (norm, norm), None, True, cos, sin, keys, keys, 0, 4, 0.25)
-        with pytest.raises(InputError, match="layer norms"):
-            kernels.decode_layer(x, [spec] * 4, (norm, (norm[0].float(), None, 1e-5)), None, True, cos, sin, keys,
-                                 keys, 0, 4, 0.25)
-        with pytest.raises(ValueError, match="inconsistent shapes"):  # qkv's spec where dense's belongs
-            kernels.decode_layer(x, [spec] * 4, (norm, norm), None, True, cos, sin, keys, keys, 0, 4, 0.25)
+        with pytest.raises(InputError, match="do not suit"):  # fp32 activations
+            kernels.decode_layers(x.float(), [plan], [(keys, keys)], 0, cos, sin, 4)
+        with pytest.raises(InputError, match="do not suit"):  # a cache with no room at position 8
+            kernels.decode_layers(x, [plan], [(keys, keys)], 8, cos, sin, 4)
+        with pytest.raises(InputError, match="do not suit"):  # two plans, one cache
+            kernels.decode_layers(x, [plan, plan], [(keys, keys)], 0, cos, sin, 4)
+        with pytest.raises(ValueError, match="another width"):  # a plan made for 64 wide, 4 heads, asked with 8
+            kernels.decode_layers(x, [plan], [(keys.view(1, 8, 8, 8), keys.view(1, 8, 8, 8))], 0, cos[..., :8],
+                                  sin[..., :8], 8)

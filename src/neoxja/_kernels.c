@@ -12,7 +12,7 @@ formats by decoding weights in registers and never writing a dequantized copy:
 Products and sums are fp32 (weights decode exactly to fp32), so results equal F.linear on the dequantized fp32
 weights up to summation order. `gemv` serves M <= 8 activation rows (batch-1 and small-batch decode); for prefill,
 `dequantize` writes the weights out once and PyTorch's matmul takes over. `decode_attention` is one decode step of
-attention (rotary, cache write, softmax-weighted sum) and `decode_layer` a whole decoder layer around it.
+attention (rotary, cache write, softmax-weighted sum) and `decode_layers` whole decoder layers around it.
 
 It is plain C with no PyTorch headers, so building it never needs torch: tensors arrive as data pointers
 (tensor.data_ptr()) plus sizes, and the Python side (neoxja.kernels) checks shapes, dtypes and contiguity. Work is
@@ -798,12 +798,14 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* ---- one decoder layer per call (decoding, bf16 activations) ----
+/* ---- decoder layers in one call (decoding, bf16 activations) ----
    The decode step of a layer is four GEMVs, attention and a few vector operations on M rows (one new token per
    sequence). Called one by one from Python, the small operations and the call overheads cost ~150 us per layer,
-   ~5 ms per token at 32 layers; here they run in one parallel region, separated by barriers. The rounding points
-   are those of the module path (neoxja.modeling.Layer): every tensor the module path stores in bf16 is rounded to
-   bf16 here at the same place, so the two agree up to the last bit of the layer norms' and GELU's fp32 arithmetic. */
+   ~5 ms per token at 32 layers; one native call per layer still left ~45 us of Python and ~50 us of native set-up
+   and waiting per layer. Here a run of layers (all of them, usually) is one call and one parallel region, the
+   layers separated by barriers. The rounding points are those of the module path (neoxja.modeling.Layer): every
+   tensor the module path stores in bf16 is rounded to bf16 here at the same place, so the two agree up to the last
+   bit of the layer norms' and GELU's fp32 arithmetic. */
 
 /* LayerNorm of one row into bf16: mean and (biased) variance in fp32, then (x - mean) * rstd * w + b, rounded once. */
 static void layer_norm_row(const uint16_t *x, const void *w, const void *b, int pdt, float eps, int64_t H,
@@ -861,116 +863,204 @@ static void add_bf16(uint16_t *out, const uint16_t *a, const void *b, int bdt, i
     }
 }
 
+/* The fixed arguments of one layer's decode step (its weights, norms and shapes), checked once by `layer_plan` and
+   kept by the Python side, as bytes, until something they point at changes; `decode_layers` takes one per layer.
+   Linear layers in order: query_key_value, attention.dense, dense_h_to_4h, dense_4h_to_h. */
 typedef struct {
-    int fmt, bdt;
-    unsigned long long w, scale, code, bias;
-    Py_ssize_t N, K;
-} LinearArgs;
+    int fmt[4], bdt[4];
+    const void *w[4], *bias[4];
+    const float *scale[4], *code[4];
+    int64_t N[4], K[4];
+    const void *ln1w, *ln1b, *ln2w, *ln2b, *dbias;
+    int pdt, dbdt, parallel;
+    float eps1, eps2, attn_scale;
+    int64_t H, heads;
+} LayerPlan;
 
-static int parse_linear(PyObject *tuple, LinearArgs *l)
+static PyObject *py_layer_plan(PyObject *self, PyObject *args)
 {
-    return PyArg_ParseTuple(tuple, "iKKKKinn", &l->fmt, &l->w, &l->scale, &l->code, &l->bias, &l->bdt, &l->N, &l->K);
+    PyObject *lt[4];
+    unsigned long long ln1w, ln1b, ln2w, ln2b, dbias;
+    int pdt, dbdt, parallel;
+    float eps1, eps2, attn_scale;
+    Py_ssize_t H, heads;
+    if (!PyArg_ParseTuple(args, "OOOOKKKKfKifiinnf", &lt[0], &lt[1], &lt[2], &lt[3], &ln1w, &ln1b, &ln2w, &ln2b,
+                          &eps1, &dbias, &dbdt, &eps2, &pdt, &parallel, &H, &heads, &attn_scale))
+        return NULL;
+    LayerPlan p = {.ln1w = (const void *)ln1w, .ln1b = (const void *)ln1b, .ln2w = (const void *)ln2w,
+                   .ln2b = (const void *)ln2b, .dbias = (const void *)dbias, .pdt = pdt, .dbdt = dbdt,
+                   .parallel = parallel, .eps1 = eps1, .eps2 = eps2, .attn_scale = attn_scale, .H = H,
+                   .heads = heads};
+    for (int i = 0; i < 4; i++) {
+        unsigned long long w, scale, code, bias;
+        Py_ssize_t N, K;
+        if (!PyArg_ParseTuple(lt[i], "iKKKKinn", &p.fmt[i], &w, &scale, &code, &bias, &p.bdt[i], &N, &K)) return NULL;
+        p.w[i] = (const void *)w, p.scale[i] = (const float *)scale, p.code[i] = (const float *)code;
+        p.bias[i] = (const void *)bias, p.N[i] = N, p.K[i] = K;
+        Gemv probe;
+        if (!gemv_init(&probe, p.fmt[i], DT_BF16, DT_BF16, 1, N, K, p.w[i], p.scale[i], p.code[i], p.bias[i],
+                       p.bdt[i], NULL, NULL, NULL)) {
+            Py_RETURN_NONE; /* a format or shape the kernel does not take */
+        }
+    }
+    int64_t I = p.N[2];
+    if (H < 16 || H % 16 || heads < 1 || H % heads || H / heads > 16 * MAX_HEAD_CHUNKS || p.K[0] != H ||
+        p.N[0] != 3 * H || p.K[1] != H || p.N[1] != H || p.K[2] != H || p.K[3] != I || p.N[3] != H) {
+        Py_RETURN_NONE; /* shapes that are not one GPT-NeoX layer's */
+    }
+    return PyBytes_FromStringAndSize((const char *)&p, sizeof p);
 }
 
-static PyObject *py_decode_layer(PyObject *self, PyObject *args)
+/* The buffers of one decode step through a run of layers: per layer its four GEMVs and its attention (cache), and
+   bf16 work rows shared by all layers: h (normed input), qkv, attn, d (attention output), r (residual), u (MLP
+   hidden), o (MLP out), and two rows the layers' outputs alternate between. */
+typedef struct {
+    int64_t L, M, H, I;
+    const LayerPlan *plans;
+    Gemv *g;        /* [L][4] */
+    Attention *att; /* [L] */
+    uint16_t *h, *qkv, *attn, *d, *r, *u, *o, *between[2];
+    float *part, *scores; /* scores: per thread, pos + 1 floats */
+} Step;
+
+/* Layer l's input: the step's input for the first layer, else the previous layer's output. */
+INLINE const uint16_t *layer_input(const Step *s, int64_t l, const uint16_t *x)
 {
-    unsigned long long x, out, ln1w, ln1b, ln2w, ln2b, dbias, cos, sin, kc, vc, mask;
-    PyObject *lt[4];
-    int pdt, dbdt, parallel, nthreads;
-    float eps1, eps2, scale;
-    Py_ssize_t M, H, heads, D, R, sb, sh, st, pos;
-    if (!PyArg_ParseTuple(args, "KKnOOOOKKKKfKifiKKinnnnKKnnnnfKi", &x, &out, &M, &lt[0], &lt[1], &lt[2], &lt[3], &ln1w,
-                          &ln1b, &ln2w, &ln2b, &eps1, &dbias, &dbdt, &eps2, &pdt, &cos, &sin, &parallel, &H, &heads, &D,
-                          &R, &kc, &vc, &sb, &sh, &st, &pos, &scale, &mask, &nthreads))
+    return l == 0 ? x : s->between[(l - 1) & 1];
+}
+
+/* The end of layer l: its output row(s) = MLP output + residual(s), into `y`. */
+static void layer_finish(const Step *s, int64_t l, const uint16_t *xin, uint16_t *y)
+{
+    int64_t n = s->M * s->H;
+    if (s->plans[l].parallel) { /* mlp + attn + x, left to right */
+        add_bf16(s->o, s->o, s->d, DT_BF16, n);
+        add_bf16(y, s->o, xin, DT_BF16, n);
+    } else {
+        add_bf16(y, s->o, s->r, DT_BF16, n);
+    }
+}
+
+/* Inside a parallel region: layers 0..L-1 of one decode step, x -> y. Between the barriers one thread does the
+   small work (norms, GELU, residuals, activation copies) and the team shares the GEMVs and the attention. */
+static void layers_share(const Step *s, const uint16_t *x, uint16_t *y)
+{
+    int64_t M = s->M, H = s->H;
+    float *scores = s->scores + omp_get_thread_num() * (s->att[0].pos + 1);
+    for (int64_t l = 0; l < s->L; l++) {
+        const LayerPlan *p = &s->plans[l];
+        const Gemv *g = &s->g[4 * l];
+        const uint16_t *xin = layer_input(s, l, x);
+#pragma omp single
+        {
+            if (l > 0) layer_finish(s, l - 1, layer_input(s, l - 1, x), s->between[(l - 1) & 1]);
+            for (int64_t m = 0; m < M; m++)
+                layer_norm_row(xin + m * H, p->ln1w, p->ln1b, p->pdt, p->eps1, H, s->h + m * H);
+            prepare_activations(&g[0], s->h, DT_BF16, H);
+        }
+        gemv_share(&g[0], s->part);
+#pragma omp barrier
+        attend_share(&s->att[l], s->qkv, DT_BF16, M, s->attn, scores);
+#pragma omp single
+        prepare_activations(&g[1], s->attn, DT_BF16, H);
+        gemv_share(&g[1], s->part);
+#pragma omp barrier
+#pragma omp single
+        {
+            if (p->dbias)
+                for (int64_t m = 0; m < M; m++) add_bf16(s->d + m * H, s->d + m * H, p->dbias, p->dbdt, H);
+            const uint16_t *mlp_in = xin; /* parallel residual: both branches read the layer input */
+            if (!p->parallel) {
+                add_bf16(s->r, s->d, xin, DT_BF16, M * H); /* r = attn + x */
+                mlp_in = s->r;
+            }
+            for (int64_t m = 0; m < M; m++)
+                layer_norm_row(mlp_in + m * H, p->ln2w, p->ln2b, p->pdt, p->eps2, H, s->h + m * H);
+            prepare_activations(&g[2], s->h, DT_BF16, H);
+        }
+        gemv_share(&g[2], s->part);
+#pragma omp barrier
+#pragma omp single
+        {
+            gelu_bf16(s->u, M * p->N[2]);
+            prepare_activations(&g[3], s->u, DT_BF16, p->N[2]);
+        }
+        gemv_share(&g[3], s->part);
+#pragma omp barrier
+    }
+#pragma omp single
+    layer_finish(s, s->L - 1, layer_input(s, s->L - 1, x), y);
+}
+
+static PyObject *py_decode_layers(PyObject *self, PyObject *args)
+{
+    unsigned long long x, out, cos, sin, mask;
+    PyObject *plan_bytes, *cache_bytes;
+    int nthreads;
+    Py_ssize_t M, H, heads, R, sb, sh, st, pos;
+    if (!PyArg_ParseTuple(args, "KKnnnSSKKnnnnnKi", &x, &out, &M, &H, &heads, &plan_bytes, &cache_bytes, &cos, &sin,
+                          &R, &sb, &sh, &st, &pos, &mask, &nthreads))
         return NULL;
-    LinearArgs l[4]; /* query_key_value, dense, dense_h_to_4h, dense_4h_to_h */
-    for (int i = 0; i < 4; i++)
-        if (!parse_linear(lt[i], &l[i])) return NULL;
-    Attention a = {(const void *)cos, (const void *)sin, heads, D, R, (void *)kc, (void *)vc, sb, sh, st, pos, scale,
-                   (const float *)mask};
-    if (!attention_valid(M, &a)) return NULL;
-    int64_t I = l[2].N, widest = padded_k(I > H ? I : H);
-    if (H < 16 || H % 16 || l[0].K != H || l[0].N != 3 * H || heads * D != H || l[1].K != H || l[1].N != H ||
-        l[2].K != H || l[3].K != I || l[3].N != H || M > MAX_M) {
-        PyErr_Format(PyExc_ValueError, "decode_layer: inconsistent shapes (M=%zd hidden=%zd intermediate=%lld)", M, H,
-                     (long long)I);
+    Py_ssize_t L = PyBytes_GET_SIZE(plan_bytes) / (Py_ssize_t)sizeof(LayerPlan);
+    if (L < 1 || PyBytes_GET_SIZE(plan_bytes) != L * (Py_ssize_t)sizeof(LayerPlan) ||
+        PyBytes_GET_SIZE(cache_bytes) != L * 2 * (Py_ssize_t)sizeof(uint64_t) || M < 1 || M > MAX_M) {
+        PyErr_SetString(PyExc_ValueError, "decode_layers: expected one plan and one (keys, values) pair per layer, and "
+                                          "1 to 8 rows");
         return NULL;
     }
-    /* bf16 work rows: h (normed input), qkv, attn, d (attention output), r (residual), u (MLP hidden), o (MLP out) */
-    size_t rows = (size_t)M * (size_t)(H + 3 * H + H + H + H + I + H);
-    uint16_t *work = malloc(rows * sizeof(uint16_t));
+    /* copies: a bytes object's data carries no alignment promise */
+    LayerPlan *plans = malloc((size_t)L * sizeof(LayerPlan));
+    uint64_t *caches = malloc((size_t)L * 2 * sizeof(uint64_t));
+    Gemv *g = malloc((size_t)L * 4 * sizeof(Gemv));
+    Attention *att = malloc((size_t)L * sizeof(Attention));
+    if (!plans || !caches || !g || !att) {
+        free(plans), free(caches), free(g), free(att);
+        return PyErr_NoMemory();
+    }
+    memcpy(plans, PyBytes_AS_STRING(plan_bytes), (size_t)L * sizeof(LayerPlan));
+    memcpy(caches, PyBytes_AS_STRING(cache_bytes), (size_t)L * 2 * sizeof(uint64_t));
+    int64_t I = 0;
+    int ok = 1;
+    for (Py_ssize_t l = 0; l < L && ok; l++) {
+        const LayerPlan *p = &plans[l];
+        Attention a = {(const void *)cos, (const void *)sin, p->heads, H / p->heads, R, (void *)caches[2 * l],
+                       (void *)caches[2 * l + 1], sb, sh, st, pos, p->attn_scale, (const float *)mask};
+        att[l] = a;
+        ok = p->H == H && p->heads == heads && attention_valid(M, &a);
+        if (p->N[2] > I) I = p->N[2];
+    }
+    if (!ok) {
+        free(plans), free(caches), free(g), free(att);
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "decode_layers: a plan was made for another width or head count");
+        return NULL;
+    }
+    int64_t widest = padded_k(I > H ? I : H);
+    uint16_t *work = malloc((size_t)M * (size_t)(H + 3 * H + H + H + H + I + H + 2 * H) * sizeof(uint16_t));
     float *xp = aligned_alloc(64, (size_t)(M * widest) * sizeof(float));
     uint16_t *xb = aligned_alloc(64, (size_t)(M * widest) * sizeof(uint16_t));
     float *part = malloc((size_t)(M * (3 * H > I ? 3 * H : I)) * sizeof(float));
     float *scores = malloc((size_t)nthreads * (size_t)(pos + 1) * sizeof(float));
     if (!work || !xp || !xb || !part || !scores) {
-        free(work), free(xp), free(xb), free(part), free(scores);
+        free(plans), free(caches), free(g), free(att), free(work), free(xp), free(xb), free(part), free(scores);
         return PyErr_NoMemory();
     }
-    uint16_t *h = work, *qkv = h + M * H, *attn = qkv + M * 3 * H, *d = attn + M * H, *r = d + M * H,
-             *u = r + M * H, *o = u + M * I;
-    const uint16_t *xin = (const uint16_t *)x;
-    uint16_t *y = (uint16_t *)out;
-    Gemv g[4];
-    void *outs[4] = {qkv, d, u, o};
-    int ok = 1;
-    for (int i = 0; i < 4; i++)
-        ok = ok && gemv_init(&g[i], l[i].fmt, DT_BF16, DT_BF16, M, l[i].N, l[i].K, (const void *)l[i].w,
-                             (const float *)l[i].scale, (const float *)l[i].code, (const void *)l[i].bias, l[i].bdt,
-                             outs[i], xp, HAVE_BF16 ? xb : NULL);
-    if (!ok) {
-        free(work), free(xp), free(xb), free(part), free(scores);
-        PyErr_SetString(PyExc_ValueError, "decode_layer: a linear layer's format or shape does not suit the kernel");
-        return NULL;
+    Step s = {L, M, H, I, plans, g, att};
+    s.h = work, s.qkv = s.h + M * H, s.attn = s.qkv + M * 3 * H, s.d = s.attn + M * H, s.r = s.d + M * H;
+    s.u = s.r + M * H, s.o = s.u + M * I, s.between[0] = s.o + M * H, s.between[1] = s.between[0] + M * H;
+    s.part = part, s.scores = scores;
+    for (Py_ssize_t l = 0; l < L; l++) {
+        const LayerPlan *p = &plans[l];
+        void *outs[4] = {s.qkv, s.d, s.u, s.o};
+        for (int i = 0; i < 4; i++) /* layer_plan checked every format and shape */
+            gemv_init(&g[4 * l + i], p->fmt[i], DT_BF16, DT_BF16, M, p->N[i], p->K[i], p->w[i], p->scale[i],
+                      p->code[i], p->bias[i], p->bdt[i], outs[i], xp, HAVE_BF16 ? xb : NULL);
     }
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel num_threads(nthreads)
-    {
-#pragma omp single
-        {
-            for (int64_t m = 0; m < M; m++)
-                layer_norm_row(xin + m * H, (const void *)ln1w, (const void *)ln1b, pdt, eps1, H, h + m * H);
-            prepare_activations(&g[0], h, DT_BF16, H);
-        }
-        gemv_share(&g[0], part);
-#pragma omp barrier
-        attend_share(&a, qkv, DT_BF16, M, attn, scores + omp_get_thread_num() * (pos + 1));
-#pragma omp single
-        prepare_activations(&g[1], attn, DT_BF16, H);
-        gemv_share(&g[1], part);
-#pragma omp barrier
-#pragma omp single
-        {
-            if (dbias)
-                for (int64_t m = 0; m < M; m++) add_bf16(d + m * H, d + m * H, (const void *)dbias, dbdt, H);
-            const uint16_t *mlp_in = xin; /* parallel residual: both branches read the layer input */
-            if (!parallel) {
-                add_bf16(r, d, xin, DT_BF16, M * H); /* r = attn + x */
-                mlp_in = r;
-            }
-            for (int64_t m = 0; m < M; m++)
-                layer_norm_row(mlp_in + m * H, (const void *)ln2w, (const void *)ln2b, pdt, eps2, H, h + m * H);
-            prepare_activations(&g[2], h, DT_BF16, H);
-        }
-        gemv_share(&g[2], part);
-#pragma omp barrier
-#pragma omp single
-        {
-            gelu_bf16(u, M * I);
-            prepare_activations(&g[3], u, DT_BF16, I);
-        }
-        gemv_share(&g[3], part);
-#pragma omp barrier
-#pragma omp single
-        if (parallel) { /* mlp + attn + x, left to right */
-            add_bf16(o, o, d, DT_BF16, M * H);
-            add_bf16(y, o, xin, DT_BF16, M * H);
-        } else {
-            add_bf16(y, o, r, DT_BF16, M * H);
-        }
-    }
+    layers_share(&s, (const uint16_t *)x, (uint16_t *)out);
     Py_END_ALLOW_THREADS
-    free(work), free(xp), free(xb), free(part), free(scores);
+    free(plans), free(caches), free(g), free(att), free(work), free(xp), free(xb), free(part), free(scores);
     Py_RETURN_NONE;
 }
 
@@ -982,9 +1072,12 @@ static PyMethodDef methods[] = {
     {"decode_attention", py_decode_attention, METH_VARARGS,
      "decode_attention(qkv, dt, cos, sin, B, H, D, R, kc, vc, sb, sh, st, pos, scale, mask, out, nthreads): rotary, "
      "cache write at pos and attention for one new token per sequence"},
-    {"decode_layer", py_decode_layer, METH_VARARGS,
-     "decode_layer(x, out, M, linears, ln1 w, b, eps, dense_bias, dbdt, ln2 eps, pdt, cos, sin, parallel, hidden, "
-     "heads, D, R, kc, vc, sb, sh, st, pos, scale, mask, nthreads): one decoder layer for one new token per row"},
+    {"layer_plan", py_layer_plan, METH_VARARGS,
+     "layer_plan(linears, ln1 w, b, ln2 w, b, eps1, dense_bias, dbdt, eps2, pdt, parallel, hidden, heads, scale): "
+     "one layer's fixed decode arguments, checked, as bytes for decode_layers"},
+    {"decode_layers", py_decode_layers, METH_VARARGS,
+     "decode_layers(x, out, M, hidden, heads, plans, caches, cos, sin, R, sb, sh, st, pos, mask, nthreads): a run of "
+     "decoder layers for one new token per row, in one parallel region"},
     {"quantize_4bit", py_quantize_4bit, METH_VARARGS,
      "quantize_4bit(idx, absmax, w, wdt, n, nf4, nthreads): code indices (uint8 [n]) and absmax (fp32 [n/64])"},
     {NULL, NULL, 0, NULL},

@@ -1,8 +1,9 @@
 """Linear layers for the CPU decode path, on bf16, int8 and 4-bit weights.
 
-This module owns the choice of kernel for `y = x @ W.T + bias`, and the native decode step of a whole layer
-(`decode_layer`: norms, the four GEMVs, attention with rotary and the cache write, GELU and residuals in one call,
-which neoxja.modeling.Layer takes whenever it decodes one token per sequence from bf16 activations):
+This module owns the choice of kernel for `y = x @ W.T + bias`, and the native decode step of whole layers
+(`decode_layers`: per layer norms, the four GEMVs, attention with rotary and the cache write, GELU and residuals;
+all layers in one call, which neoxja.modeling.NeoXModel takes whenever it decodes one token per sequence from bf16
+activations):
 
 - small batches (at most MAX_GEMV_ROWS rows of activations, i.e. decoding) go to `neoxja._kernels`, the C/AVX-512
   GEMV that streams the weights once and decodes them in registers;
@@ -31,6 +32,8 @@ weight carries a relative error of at most 2^-9 on top of its 4-bit quantization
 rounds the dequantized weights to bf16 too). The result stays within bf16 precision of the exact sum.
 """
 from __future__ import annotations
+
+from array import array
 
 import torch
 import torch.nn.functional as F
@@ -258,7 +261,7 @@ def _attention_inputs(dtype: torch.dtype, batch: int, cos: torch.Tensor, sin: to
     return cos, sin, mask, keys.stride()[:3]
 
 
-# ---- a whole decoder layer per call ----
+# ---- decoder layers in one call ----
 
 _FORMATS = {"bf16": "FMT_BF16", "int8": "FMT_INT8", "4bit": "FMT_4BIT"}
 # (format name, weight, scale or None, code or None, bias or None, in_features): what a linear layer's gemv_spec()
@@ -266,49 +269,76 @@ _FORMATS = {"bf16": "FMT_BF16", "int8": "FMT_INT8", "4bit": "FMT_4BIT"}
 GemvSpec = tuple
 
 
-def decode_layer_ready(x: torch.Tensor, heads: int, specs: list[GemvSpec | None]) -> bool:
-    """Whether `decode_layer` can take this step: the native module, bf16 activations on the CPU holding one new
-    token for at most MAX_GEMV_ROWS sequences, no gradients, and every linear layer in a kernel format."""
+def decode_ready(x: torch.Tensor, heads: int) -> bool:
+    """Whether `decode_layers` can take this step: the native module, bf16 activations on the CPU holding one new
+    token for at most MAX_GEMV_ROWS sequences, no gradients."""
     return (HAVE_NATIVE and x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 3
             and x.shape[1] == 1 and x.shape[0] <= MAX_GEMV_ROWS and x.shape[2] % 16 == 0
-            and x.shape[2] % heads == 0 and x.shape[2] // heads <= 256 and not torch.is_grad_enabled()
-            and all(spec is not None for spec in specs))
+            and x.shape[2] % heads == 0 and x.shape[2] // heads <= 256 and not torch.is_grad_enabled())
 
 
-def decode_layer(x: torch.Tensor, specs: list[GemvSpec], norms: tuple, dense_bias: torch.Tensor | None,
-                 parallel_residual: bool, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-                 values: torch.Tensor, position: int, heads: int, scale: float,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
-    """One GPT-NeoX decoder layer for one new token per sequence, in one native call: x [B, 1, H] bf16 -> the layer's
-    output. `specs`: the gemv_spec of query_key_value, attention.dense, dense_h_to_4h and dense_4h_to_h; `norms`:
-    ((weight, bias, eps) of input_layernorm, of post_attention_layernorm); `dense_bias`: the attention output's
-    separate bias or None; the rest as for `decode_attention`. Every value the module path (neoxja.modeling.Layer)
-    stores in bf16 is rounded here at the same point; the layer norms and the GELU (erf from a 1.2e-7 fit) use their
-    own fp32 arithmetic, so outputs agree with the module path to within one bf16 rounding of a few elements."""
-    batch, _, hidden = x.shape
-    if (not decode_layer_ready(x, heads, specs) or keys.shape[0] != batch or keys.shape[2] <= position
-            or not cache_suits(keys, values, x.dtype)):
-        raise InputError("decode_layer: these tensors do not suit the native kernel (check decode_layer_ready)")
+def layer_plan(specs: list[GemvSpec | None], norms: tuple, dense_bias: torch.Tensor | None, parallel: bool,
+               heads: int, scale: float) -> bytes | None:
+    """One GPT-NeoX decoder layer's fixed arguments for `decode_layers`, checked once: `specs`, the gemv_spec of
+    query_key_value, attention.dense, dense_h_to_4h and dense_4h_to_h; `norms`, ((weight, bias, eps) of
+    input_layernorm, of post_attention_layernorm); `dense_bias`, the attention output's separate bias or None. None
+    when the kernel cannot read these weights (the layer then runs its modules). The plan holds raw pointers: it is
+    valid while every tensor it was made from keeps its storage, dtype and shape (neoxja.modeling.Layer.decode_plan
+    rebuilds it otherwise)."""
+    if not HAVE_NATIVE or any(spec is None for spec in specs):
+        return None
+    hidden = specs[0][5]
     (w1, b1, eps1), (w2, b2, eps2) = norms
-    params = [w1, w2] + [b for b in (b1, b2) if b is not None]
-    if any(p.dtype != w1.dtype or p.dtype not in _DT or not p.is_contiguous() for p in params):
-        raise InputError("decode_layer: the layer norms' parameters must be contiguous, in one dtype (fp32 or bf16)")
-    if any(b is not None and (b.dtype not in _DT or not b.is_contiguous()) for b in [s[4] for s in specs] +
-           [dense_bias]):
-        raise InputError("decode_layer: the biases must be contiguous fp32 or bf16 tensors")
-    linears = []
-    for fmt, w, scale_, code, bias, in_features in specs:
-        linears.append((getattr(_native, _FORMATS[fmt]), w.data_ptr(), 0 if scale_ is None else scale_.data_ptr(),
-                        0 if code is None else code.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                        0 if bias is None else _DT[bias.dtype], w.shape[0], in_features))
+    if w1 is None or w2 is None:
+        return None
+    params = [t for t in (w1, b1, w2, b2) if t is not None]
+    biases = [(spec[4], spec[1].shape[0]) for spec in specs] + [(dense_bias, hidden)]
+    weights = [t for spec in specs for t in spec[1:4] if t is not None]  # weight, scale, code
+    tensors = params + weights + [b for b, _ in biases if b is not None]
+    if (w1.dtype not in _DT or any(t.dtype != w1.dtype or t.numel() != hidden for t in params)
+            or any(b is not None and (b.dtype not in _DT or b.numel() != n) for b, n in biases)
+            or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors)):
+        return None
+    linears = [(getattr(_native, _FORMATS[fmt]), w.data_ptr(), 0 if scale_ is None else scale_.data_ptr(),
+                0 if code is None else code.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                0 if bias is None else _DT[bias.dtype], w.shape[0], in_features)
+               for fmt, w, scale_, code, bias, in_features in specs]
+    return _native.layer_plan(*linears, w1.data_ptr(), 0 if b1 is None else b1.data_ptr(), w2.data_ptr(),
+                              0 if b2 is None else b2.data_ptr(), eps1,
+                              0 if dense_bias is None else dense_bias.data_ptr(),
+                              0 if dense_bias is None else _DT[dense_bias.dtype], eps2, _DT[w1.dtype], int(parallel),
+                              hidden, heads, scale)
+
+
+def caches_suit(caches: list[tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor, heads: int, position: int) -> bool:
+    """Whether the layers' KV cache buffers are laid out as `decode_layers` reads them: each [batch, heads,
+    > position, head_dim] in x's dtype, on the CPU, all with one shape and one set of strides."""
+    batch, _, hidden = x.shape
+    shape, strides = caches[0][0].shape, caches[0][0].stride()
+    return (shape[0] == batch and shape[1] == heads and shape[2] > position and shape[3] == hidden // heads
+            and caches[0][0].device.type == "cpu"
+            and all(k.shape == v.shape == shape and k.stride() == v.stride() == strides and cache_suits(k, v, x.dtype)
+                    for k, v in caches))
+
+
+def decode_layers(x: torch.Tensor, plans: list[bytes], caches: list[tuple[torch.Tensor, torch.Tensor]],
+                  position: int, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A run of decoder layers for one new token per sequence, in one native call: x [B, 1, H] bf16 -> the last
+    layer's output. `plans`: each layer's `layer_plan`; `caches`: each layer's (keys, values) buffers; the rest as
+    for `decode_attention`. Every value the module path (neoxja.modeling.Layer) stores in bf16 is rounded here at
+    the same point; the layer norms and the GELU (erf from a 1.2e-7 fit) use their own fp32 arithmetic, so outputs
+    agree with the module path to within one bf16 rounding of a few elements."""
+    batch, _, hidden = x.shape
+    if (not decode_ready(x, heads) or not plans or len(plans) != len(caches) or any(p is None for p in plans)
+            or not caches_suit(caches, x, heads, position)):
+        raise InputError("decode_layers: these tensors do not suit the native kernel (check decode_ready, layer_plan "
+                         "and caches_suit)")
     x = x.contiguous()
     out = torch.empty_like(x)
-    cos, sin, mask, strides = _attention_inputs(x.dtype, batch, cos, sin, keys, position, mask)
-    _native.decode_layer(
-        x.data_ptr(), out.data_ptr(), batch, *linears, w1.data_ptr(), 0 if b1 is None else b1.data_ptr(),
-        w2.data_ptr(), 0 if b2 is None else b2.data_ptr(), eps1,
-        0 if dense_bias is None else dense_bias.data_ptr(), 0 if dense_bias is None else _DT[dense_bias.dtype],
-        eps2, _DT[w1.dtype], cos.data_ptr(), sin.data_ptr(), int(parallel_residual), hidden, heads,
-        hidden // heads, cos.shape[-1], keys.data_ptr(), values.data_ptr(), *strides, position, scale,
-        0 if mask is None else mask.data_ptr(), torch.get_num_threads())
+    cos, sin, mask, strides = _attention_inputs(x.dtype, batch, cos, sin, caches[0][0], position, mask)
+    pointers = array("Q", [t.data_ptr() for pair in caches for t in pair]).tobytes()
+    _native.decode_layers(x.data_ptr(), out.data_ptr(), batch, hidden, heads, b"".join(plans), pointers,
+                          cos.data_ptr(), sin.data_ptr(), cos.shape[-1], *strides, position,
+                          0 if mask is None else mask.data_ptr(), torch.get_num_threads())
     return out

@@ -307,7 +307,7 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def gemv_spec(self) -> kernels.GemvSpec | None:
-        """This layer as the GEMV kernel reads it (for kernels.decode_layer), or None when its weight does not suit."""
+        """This layer as the GEMV kernel reads it (for kernels.layer_plan), or None when its weight does not suit."""
         w = self.weight
         if w.dtype != torch.bfloat16 or not w.is_contiguous() or self.in_features % 32:
             return None
@@ -398,13 +398,10 @@ class Layer(nn.Module):
         self.mlp = MLP(config)
         self.parallel = config.use_parallel_residual
         self.dropout = config.hidden_dropout
+        self._plan: tuple[tuple | None, bytes | None] = (None, None)  # (_plan_key, decode_plan)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None,
                 head_mask: Tensor | None = None, output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
-        if cache is not None and head_mask is None and not output_attentions and not self.training:
-            out = self._decode_step(x, cos, sin, mask, cache)
-            if out is not None:
-                return out, None
         attn, probs = self.attention(self.input_layernorm(x), cos, sin, mask, cache, head_mask, output_attentions)
         attn = self._dropout(attn)
         if self.parallel:  # both branches read the layer input
@@ -415,37 +412,55 @@ class Layer(nn.Module):
     def _dropout(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.dropout, True) if self.training and self.dropout else x
 
-    def _decode_step(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache) -> Tensor | None:
-        """The whole layer in one native call (kernels.decode_layer) when decoding one token per sequence; None when
-        this step or these weights do not suit it (the modules then run one by one)."""
-        if _hooked(self):  # the submodules do not run here, so their hooks would silently miss this step
+    def decode_plan(self) -> bytes | None:
+        """This layer's fixed arguments for kernels.decode_layers (NeoXModel's decode step), kept until anything they
+        point at changes; None when the layer must run its modules: hooks on it or inside it (the native step would
+        silently skip them), submodules of other kinds, weights the kernel cannot read."""
+        key = self._plan_key()
+        if key is None:
             return None
+        if self._plan[0] != key:
+            self._plan = (key, self._make_plan())
+        return self._plan[1]
+
+    def _plan_modules(self) -> tuple[nn.Module, ...] | None:
+        """The modules a decode plan reads, through the module dicts (attribute access costs ~1 us each, per layer and
+        token); None when they are not this class's."""
+        attention, mlp = self._modules.get("attention"), self._modules.get("mlp")
+        if not (isinstance(attention, Attention) and isinstance(mlp, MLP)):
+            return None
+        mods = (self, attention, mlp, self._modules.get("input_layernorm"),
+                self._modules.get("post_attention_layernorm"), attention._modules.get("query_key_value"),
+                attention._modules.get("dense"), mlp._modules.get("dense_h_to_4h"), mlp._modules.get("dense_4h_to_h"))
+        return None if any(m is None for m in mods) else mods
+
+    def _plan_key(self) -> tuple | None:
+        """Everything the decode plan encodes, checked every step: which modules, their settings, and each tensor's
+        storage, dtype, shape and strides (a plan holds raw pointers). None when a module has hooks."""
+        mods = self._plan_modules()
+        if mods is None or any(m._forward_hooks or m._forward_pre_hooks for m in mods):
+            return None
+        attention, mlp, norm1, norm2 = mods[1:5]
+        tensors = [t for m in mods[1:] for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
+        return (tuple(map(id, mods)), mlp.act, self.parallel, attention.num_heads, attention.scale,
+                getattr(norm1, "eps", None), getattr(norm2, "eps", None),
+                tuple((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors))
+
+    def _make_plan(self) -> bytes | None:
         attention, mlp = self.attention, self.mlp
+        norms = (self.input_layernorm, self.post_attention_layernorm)
+        if mlp.act is not F.gelu or not all(isinstance(norm, nn.LayerNorm) for norm in norms):
+            return None
         layers = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
         specs = [getattr(layer, "gemv_spec", lambda: None)() for layer in layers]
-        norms = (self.input_layernorm, self.post_attention_layernorm)
-        if (mlp.act is not F.gelu or any(norm.weight is None for norm in norms)
-                or not kernels.decode_layer_ready(x, attention.num_heads, specs)):
-            return None
-        index = attention.layer_index
-        keys, values = cache.reserve(index, 1, x, (x.shape[0], attention.num_heads), attention.head_dim,
-                                     attention.head_dim)
-        if not kernels.cache_suits(keys, values, x.dtype):
-            return None
-        position = cache.lengths[index]
-        out = kernels.decode_layer(x, specs, tuple((norm.weight, norm.bias, norm.eps) for norm in norms),
-                                   attention.dense_bias, self.parallel, cos, sin, keys, values, position,
-                                   attention.num_heads, attention.scale, mask)
-        cache.lengths[index] = position + 1
-        return out
+        return kernels.layer_plan(specs, tuple((norm.weight, norm.bias, norm.eps) for norm in norms),
+                                  attention.dense_bias, self.parallel, attention.num_heads, attention.scale)
 
 
-def _hooked(layer: nn.Module) -> bool:
-    """Whether any module inside `layer` (not `layer` itself) has forward hooks, or global module hooks exist."""
+def _global_hooks() -> bool:
+    """Whether forward hooks for every module exist (nn.modules.module.register_module_forward_hook)."""
     hooks = nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules() if m is not layer)
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
 
 
 def causal_mask(new: int, total: int, attention_mask: Tensor | None, dtype: torch.dtype,
@@ -564,12 +579,26 @@ class NeoXModel(PreTrainedModel):
 
         hidden_states: list[Tensor] = []
         attentions: list[Tensor] = []
-        for i, layer in enumerate(self.layers):
+        layers = list(self.layers)
+        plans, caches = self._decode_plans(layers, x, cache, heads, output_attentions)
+        i = 0
+        while i < len(layers):
             if output_hidden_states:
                 hidden_states.append(x)
-            x, probs = layer(x, cos, sin, mask, cache, heads[i], output_attentions)
-            if output_attentions:
-                attentions.append(probs)  # type: ignore[arg-type]
+            if plans[i] is None:
+                x, probs = layers[i](x, cos, sin, mask, cache, heads[i], output_attentions)
+                if output_attentions:
+                    attentions.append(probs)  # type: ignore[arg-type]
+                i += 1
+                continue
+            stop = i + 1  # a run of layers in one native call (one layer where each one's output is kept)
+            while stop < len(layers) and plans[stop] is not None and not output_hidden_states:
+                stop += 1
+            position = cache.lengths[i]  # type: ignore[union-attr]
+            x = kernels.decode_layers(x, plans[i:stop], caches[i:stop], position, cos, sin,  # type: ignore[arg-type]
+                                      config.num_attention_heads, mask)
+            cache.lengths[i:stop] = [position + 1] * (stop - i)  # type: ignore[union-attr]
+            i = stop
         x = self.final_layer_norm(x)
         if output_hidden_states:
             hidden_states.append(x)
@@ -580,6 +609,23 @@ class NeoXModel(PreTrainedModel):
             attentions=tuple(attentions) if output_attentions else None,
         )
         return out if return_dict else out.to_tuple()
+
+    def _decode_plans(self, layers: list[nn.Module], x: Tensor, cache: KVCache | None,
+                      head_masks: list[Tensor | None],
+                      output_attentions: bool) -> tuple[list[bytes | None], list[tuple[Tensor, Tensor]]]:
+        """Per layer its decode plan (Layer.decode_plan) when this step can run natively (kernels.decode_layers: one
+        new token per sequence, bf16, no gradients, nothing asked of the layers but their output), else None; and
+        every layer's KV cache buffers, made room in for the new token."""
+        config, none = self.config, [None] * len(layers)
+        if (cache is None or output_attentions or self.training or any(h is not None for h in head_masks)
+                or not kernels.decode_ready(x, config.num_attention_heads) or _global_hooks()
+                or len(set(cache.lengths)) != 1):
+            return none, []
+        count, dim = config.num_attention_heads, config.head_dim
+        caches = [cache.reserve(i, 1, x, (x.shape[0], count), dim, dim) for i in range(len(layers))]
+        if not kernels.caches_suit(caches, x, count, cache.lengths[0]):
+            return none, []
+        return [layer.decode_plan() if isinstance(layer, Layer) else None for layer in layers], caches
 
     def _embed(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
         if (input_ids is None) == (inputs_embeds is None):

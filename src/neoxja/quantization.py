@@ -316,7 +316,7 @@ class Int8Linear(_QuantizedLinear):
         return kernels.linear_int8(x, self.weight, self.SCB, self.bias)
 
     def gemv_spec(self) -> kernels.GemvSpec | None:
-        """This layer as the GEMV kernel reads it (for kernels.decode_layer), or None when it does not suit."""
+        """This layer as the GEMV kernel reads it (for kernels.layer_plan), or None when it does not suit."""
         if self.in_features % 32 or not self.weight.is_contiguous():
             return None
         return ("int8", self.weight, self.SCB, None, self.bias, self.in_features)
@@ -391,7 +391,7 @@ class Linear4bit(_QuantizedLinear):
         return dequantize_4bit(self.qweight, self.absmax, (self.out_features, self.in_features), code=self.code)
 
     def gemv_spec(self) -> kernels.GemvSpec | None:
-        """This layer as the GEMV kernel reads it (for kernels.decode_layer), or None in the flat layout."""
+        """This layer as the GEMV kernel reads it (for kernels.layer_plan), or None in the flat layout."""
         return ("4bit", self.qweight, self.absmax, self.code, self.bias, self.in_features) if self.row_blocks else None
 
     def forward(self, x: Tensor) -> Tensor:
