@@ -150,14 +150,17 @@ INLINE void decode4(__m512i line, int t, __m512 code, __m512 *w0, __m512 *w1)
    added to part[r * stride * M + m].
    PREFETCH: with contiguous tiles (stride 1) a tile reads R rows side by side, each a short stream (a 2560-wide
    4-bit row is 20 cache lines) that the hardware prefetcher hardly ramps up on before it ends. The rows of the next
-   tile follow in memory, so each line read also asks for the same line `ahead` rows further (the next tile), into
-   L2; that alone raised single-thread streaming by 15-60 % here (benchmarks/matmul.py). With strided tiles (see
-   STREAMS) `ahead` is counted in rows of the same stream.
+   tile follow in memory, so each line read also asks for the same line R rows further (the next tile), into L2;
+   that alone raised single-thread streaming by 15-60 % here (benchmarks/matmul.py). `ahead` is that distance in
+   bytes along each row's stream.
    STREAMS (M = 1): a thread's rows are cut into R runs and a tile takes the i-th row of every run, so the thread
    reads R long sequential streams instead of R short ones per tile. Measured on 2 cores with 1 GiB of weights
-   (benchmarks/matmul.py, quiet host): bf16 48 -> 57 GB/s with a prefetch 2 rows ahead; 4-bit, see dot4_one_row.
-   int8, whose decoding costs most, stays on contiguous tiles (55 GB/s there, 51-52 strided with a prefetch 2 or 3
-   rows ahead, 53-54 with dot4_one_row's out-of-line treatment). */
+   (benchmarks/matmul.py, quiet host): bf16 48 -> 57 GB/s with a prefetch 2 rows ahead, and 1 KB ahead instead of
+   2 rows (10-20 KB) gained another ~2 % (pools of 1 GiB per ABEJA 2.7B shape, GB/s from 2 rows to 1 KB:
+   query_key_value 56.1 -> 57.5, attention.dense 54.4 -> 54.8, dense_h_to_4h 56.7 -> 57.2, dense_4h_to_h 57.2 ->
+   59.0; 768 and 1536 bytes in between); 4-bit, see dot4_one_row (2 rows ahead: 1 KB lost 5-20 % on 10240-wide
+   rows). int8, whose decoding costs most, stays on contiguous tiles (55 GB/s there, 51-52 strided with a prefetch 2
+   or 3 rows ahead, 53-54 with dot4_one_row's out-of-line treatment). */
 
 INLINE void zero(int R, int M, __m512 acc[][MAX_M])
 {
@@ -173,7 +176,7 @@ INLINE void add_partials(int R, int M, int64_t stride, __m512 acc[][MAX_M], floa
         for (int m = 0; m < M; m++) part[r * stride * M + m] += _mm512_reduce_add_ps(acc[r][m]);
 }
 
-INLINE void tile_32(int fmt, int R, int M, int64_t n, int64_t stride, int ahead, const void *w, int64_t K,
+INLINE void tile_32(int fmt, int R, int M, int64_t n, int64_t stride, int64_t ahead, const void *w, int64_t K,
                     int64_t k0, int64_t k1, const float *xp, float *part)
 {
     size_t esize = fmt == FMT_BF16 ? 2 : 1;
@@ -184,7 +187,7 @@ INLINE void tile_32(int fmt, int R, int M, int64_t n, int64_t stride, int ahead,
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const char *row = (const char *)w + (n + r * stride) * K * esize;
-            if (ahead) _mm_prefetch(row + (ahead * K + k) * esize, _MM_HINT_T1); /* see PREFETCH */
+            if (ahead) _mm_prefetch(row + k * esize + ahead, _MM_HINT_T1); /* see PREFETCH */
             decode32(fmt, row, k, &w0[r], &w1[r]);
         }
 #pragma GCC unroll 8
@@ -201,7 +204,7 @@ INLINE void tile_32(int fmt, int R, int M, int64_t n, int64_t stride, int ahead,
 #ifdef __AVX512BF16__
 /* bf16 weights times bf16 activations (AVX512-BF16): vdpbf16ps multiplies 32 pairs exactly and sums them in fp32, so
    the raw weights need no decoding at all and batched decode (M > 1), which is compute-bound, runs twice as fast. */
-INLINE void tile_bf16_dot(int R, int M, int64_t n, int64_t stride, int ahead, const uint16_t *w, int64_t K,
+INLINE void tile_bf16_dot(int R, int M, int64_t n, int64_t stride, int64_t ahead, const uint16_t *w, int64_t K,
                           int64_t k0, int64_t k1, const uint16_t *xb, float *part)
 {
     __m512 acc[8][MAX_M];
@@ -211,7 +214,7 @@ INLINE void tile_bf16_dot(int R, int M, int64_t n, int64_t stride, int ahead, co
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const uint16_t *row = w + (n + r * stride) * K;
-            if (ahead) _mm_prefetch((const char *)(row + ahead * K + k), _MM_HINT_T1); /* see PREFETCH */
+            if (ahead) _mm_prefetch((const char *)(row + k) + ahead, _MM_HINT_T1); /* see PREFETCH */
             wv[r] = _mm512_loadu_si512(row + k);
         }
 #pragma GCC unroll 8
@@ -228,7 +231,7 @@ INLINE void tile_bf16_dot(int R, int M, int64_t n, int64_t stride, int ahead, co
 /* Per 64-weight block the code values are summed first and the block's absmax multiplies the sum: one FMA per block
    instead of one multiply per weight (same result up to fp32 rounding). K = row length padded to 128. `dot` (a
    compile-time constant at each call) picks the bf16 path (xb, codebf) or the fp32 one (xp, code). */
-INLINE void tile_4bit(int dot, int R, int M, int64_t n, int64_t stride, int ahead, const uint8_t *w,
+INLINE void tile_4bit(int dot, int R, int M, int64_t n, int64_t stride, int64_t ahead, const uint8_t *w,
                       const float *absmax, __m512 code, __m512i codebf, int64_t K, int64_t k0, int64_t k1,
                       const float *xp, const uint16_t *xb, float *part)
 {
@@ -239,7 +242,7 @@ INLINE void tile_4bit(int dot, int R, int M, int64_t n, int64_t stride, int ahea
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const uint8_t *p = w + (n + r * stride) * (K / 2) + k / 2;
-            if (ahead) _mm_prefetch((const char *)p + ahead * (K / 2), _MM_HINT_T1); /* see PREFETCH */
+            if (ahead) _mm_prefetch((const char *)p + ahead, _MM_HINT_T1); /* see PREFETCH */
             line[r] = _mm512_loadu_si512(p);
         }
 #pragma GCC unroll 2
@@ -355,7 +358,7 @@ typedef struct {
     void *y;
 } Gemv;
 
-INLINE void tile(const Gemv *g, int fmt, int R, int M, int64_t n, int64_t stride, int ahead, int64_t k0, int64_t k1,
+INLINE void tile(const Gemv *g, int fmt, int R, int M, int64_t n, int64_t stride, int64_t ahead, int64_t k0, int64_t k1,
                  __m512 code, __m512i codebf, float *part)
 {
 #ifdef __AVX512BF16__
@@ -364,8 +367,7 @@ INLINE void tile(const Gemv *g, int fmt, int R, int M, int64_t n, int64_t stride
         return;
     }
     if (fmt == FMT_4BIT && g->xb && M == 1 && (R == 4 || R == 1)) {
-        (R == 4 ? dot4_one_row_4 : dot4_one_row_1)(g->w, g->scale, n, stride, g->K, ahead * (g->K / 2), g->xb,
-                                                    codebf, part);
+        (R == 4 ? dot4_one_row_4 : dot4_one_row_1)(g->w, g->scale, n, stride, g->K, ahead, g->xb, codebf, part);
         return;
     }
 #endif
@@ -390,15 +392,17 @@ INLINE void gemv_rows(const Gemv *g, int fmt, int R, int M, int64_t n0, int64_t 
     for (int i = 0; i < 32; i++) table[i] = fmt == FMT_4BIT ? f32_to_bf16(g->code[i & 15]) : 0;
     __m512i codebf = _mm512_loadu_si512(table);
     memset(part, 0, (size_t)((n1 - n0) * M) * sizeof(float));
-    if (M == 1 && fmt != FMT_INT8) { /* see STREAMS; both formats prefetch 2 rows ahead */
-        int64_t run = (n1 - n0) / R, n = n0 + R * run;
-        for (int64_t i = 0; i < run; i++) tile(g, fmt, R, M, n0 + i, run, 2, 0, g->K, code, codebf, part + i);
-        for (; n < n1; n++) tile(g, fmt, 1, M, n, 1, 2, 0, g->K, code, codebf, part + (n - n0));
+    int64_t row = fmt == FMT_BF16 ? 2 * g->K : fmt == FMT_INT8 ? g->K : g->K / 2; /* bytes */
+    if (M == 1 && fmt != FMT_INT8) { /* see STREAMS for the prefetch distances */
+        int64_t run = (n1 - n0) / R, n = n0 + R * run, ahead = fmt == FMT_BF16 ? 1024 : 2 * row;
+        for (int64_t i = 0; i < run; i++) tile(g, fmt, R, M, n0 + i, run, ahead, 0, g->K, code, codebf, part + i);
+        for (; n < n1; n++) tile(g, fmt, 1, M, n, 1, ahead, 0, g->K, code, codebf, part + (n - n0));
     } else
         for (int64_t k0 = 0; k0 < g->K; k0 += kblock) {
             int64_t k1 = k0 + kblock < g->K ? k0 + kblock : g->K, n = n0;
-            for (; n + R <= n1; n += R) tile(g, fmt, R, M, n, 1, R, k0, k1, code, codebf, part + (n - n0) * M);
-            for (; n < n1; n++) tile(g, fmt, 1, M, n, 1, 1, k0, k1, code, codebf, part + (n - n0) * M);
+            for (; n + R <= n1; n += R)
+                tile(g, fmt, R, M, n, 1, R * row, k0, k1, code, codebf, part + (n - n0) * M);
+            for (; n < n1; n++) tile(g, fmt, 1, M, n, 1, row, k0, k1, code, codebf, part + (n - n0) * M);
         }
     for (int64_t n = n0; n < n1; n++)
         for (int m = 0; m < M; m++) {
