@@ -13,7 +13,8 @@ read_bandwidth) and inside every engine process before it loads its model and af
 Each engine runs alone in a fresh process, --rounds times with the engines taking turns (a slow spell of the shared
 host then does not hit one engine only); each figure is the best of its --reps timings and rounds:
 
-- decode tok/s: greedy, batch 1, a 16-token prompt; (time for 1 + N new tokens - time for 1) / N;
+- decode tok/s: greedy, batch 1, a 16-token prompt; N / the time from the first new token to the last of 1 + N (a
+  streamer timestamps each token as generate hands it out, so neither the prefill nor a second run's noise is in it);
 - x ref: decode tok/s over the reference's bf16 decode tok/s;
 - own limit: decode tok/s as a fraction of bandwidth / (the engine's own bytes per token);
 - bf16 limit: decode tok/s as a fraction of the bf16 limit (the issue's goals: bf16 >= 0.8, int8 >= 1.5,
@@ -96,9 +97,24 @@ def timed(fn):
     fn()
     return time.perf_counter() - start
 
-def generate(model, ids, n):  # min_new_tokens = max_new_tokens: no early stop at eos
+def generate(model, ids, n, streamer=None):  # min_new_tokens = max_new_tokens: no early stop at eos
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, pad_token_id=0)
+                          do_sample=False, pad_token_id=0, streamer=streamer)
+
+class Clock:  # a streamer: generate hands it the prompt, then each new token as soon as it is chosen
+    def __init__(self):
+        self.times = []
+    def put(self, value):
+        self.times.append(time.perf_counter())
+    def end(self):
+        pass
+
+def decode_rate(model, ids, n):  # new tokens per second after the first: no prefill in it, no difference of runs
+    clock = Clock()
+    generate(model, ids, 1 + n, clock)
+    first, last = clock.times[1], clock.times[-1]
+    assert len(clock.times) == n + 2, len(clock.times)
+    return n / (last - first)
 
 def probe_head(head):  # GB/s of reading the head's weights (bf16, 164 MB) through neoxja's GEMV, best of 3
     from neoxja import kernels
@@ -114,10 +130,8 @@ with torch.no_grad():
     generate(model, prompt, 2)  # warm-up: kernels' one-time set-up
     for _ in range(reps):  # each timing between two probes of the bandwidth the host gives at that moment
         before = probe_head(head)
-        first = timed(lambda: generate(model, prompt, 1))
-        full = timed(lambda: generate(model, prompt, 1 + new))
+        decode.append(decode_rate(model, prompt, new))
         local.append(max(before, probe_head(head)))
-        decode.append(new / (full - first))
     prefill = min(timed(lambda: model(long_prompt)) for _ in range(max(1, reps - 1)))
     ttft = min(timed(lambda: generate(model, long_prompt, 1)) for _ in range(max(1, reps - 1)))
     batch_first = timed(lambda: generate(model, batch, 1))
