@@ -89,6 +89,19 @@ def test_decode_attention_only_without_gradients():
         assert not kernels.fused_decode_ready(torch.zeros(1, 2, 96), 2)  # prefill: more than one token
 
 
+def test_decode_attention_refuses_caches_it_cannot_write():
+    """Keys and values share one set of strides in the kernel, so they must share shape and dtype too: values with
+    fewer sequences (same strides) would be written out of bounds, values in fp32 read as bf16."""
+    _require_native()
+    qkv = torch.randn(2, 1, 2 * 3 * 16).bfloat16()
+    cos = sin = torch.ones(2, 1, 1, 16, dtype=torch.bfloat16)
+    keys = torch.zeros(2, 2, 8, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for values in (keys[:1].clone(), keys.float()):
+            with pytest.raises(InputError, match="do not suit"):
+                kernels.decode_attention(qkv, cos, sin, keys, values, 0, 2, 0.25)
+
+
 def test_bf16_linear_runs_the_kernel_at_inference_and_autograd_in_training():
     torch.manual_seed(0)
     layer = Linear(256, 96, bias=True).to(torch.bfloat16)
@@ -337,6 +350,8 @@ def test_decode_layers_refuse_tensors_they_cannot_read():
             kernels.decode_layers(x.float(), [plan], [(keys, keys)], 0, cos, sin, 4)
         with pytest.raises(InputError, match="do not suit"):  # a cache with no room at position 8
             kernels.decode_layers(x, [plan], [(keys, keys)], 8, cos, sin, 4)
+        with pytest.raises(InputError, match="do not suit"):  # values in another dtype than the keys
+            kernels.decode_layers(x, [plan], [(keys, keys.float())], 0, cos, sin, 4)
         with pytest.raises(InputError, match="do not suit"):  # two plans, one cache
             kernels.decode_layers(x, [plan, plan], [(keys, keys)], 0, cos, sin, 4)
         with pytest.raises(ValueError, match="another width"):  # a plan made for 64 wide, 4 heads, asked with 8

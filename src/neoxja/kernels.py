@@ -217,9 +217,10 @@ def fused_decode_ready(qkv: torch.Tensor, heads: int) -> bool:
 
 
 def cache_suits(keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether the KV cache buffers are laid out as the native attention writes them: in `dtype`, with one set of
-    strides for both and the head dimension contiguous."""
-    return keys.dtype == dtype and keys.stride(-1) == 1 and keys.stride() == values.stride()
+    """Whether the KV cache buffers are laid out as the native attention writes them: on the CPU, in `dtype`, with
+    one shape and one set of strides for both and the head dimension contiguous."""
+    return (keys.dtype == values.dtype == dtype and keys.device.type == values.device.type == "cpu"
+            and keys.shape == values.shape and keys.stride(-1) == 1 and keys.stride() == values.stride())
 
 
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
@@ -316,9 +317,7 @@ def caches_suit(caches: list[tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor
     batch, _, hidden = x.shape
     shape, strides = caches[0][0].shape, caches[0][0].stride()
     return (shape[0] == batch and shape[1] == heads and shape[2] > position and shape[3] == hidden // heads
-            and caches[0][0].device.type == "cpu"
-            and all(k.shape == v.shape == shape and k.stride() == v.stride() == strides and cache_suits(k, v, x.dtype)
-                    for k, v in caches))
+            and all(k.shape == shape and k.stride() == strides and cache_suits(k, v, x.dtype) for k, v in caches))
 
 
 def decode_layers(x: torch.Tensor, plans: list[bytes], caches: list[tuple[torch.Tensor, torch.Tensor]],
