@@ -867,9 +867,10 @@ static void add_bf16(uint16_t *out, const uint16_t *a, const void *b, int bdt, i
     }
 }
 
-/* The fixed arguments of one layer's decode step (its weights, norms and shapes), checked once by `layer_plan` and
-   kept by the Python side, as bytes, until something they point at changes; `decode_layers` takes one per layer.
-   Linear layers in order: query_key_value, attention.dense, dense_h_to_4h, dense_4h_to_h. */
+/* The fixed arguments of one layer's decode step (its weights, norms and shapes), checked once by `layer_plan`
+   (which returns None for a layer the kernel cannot run) and kept by the Python side, as bytes, until something
+   they point at changes; `decode_layers` takes one per layer. Linear layers in order: query_key_value,
+   attention.dense, dense_h_to_4h, dense_4h_to_h. */
 typedef struct {
     int fmt[4], bdt[4];
     const void *w[4], *bias[4];
