@@ -294,6 +294,30 @@ def test_decode_layers_step_aside_for_hooks(tmp_path: Path, monkeypatch, hooked:
     assert runs == [1, 2] * 3  # layer 0, then layers 2 and 3, at each decode step
 
 
+def test_decode_layers_keep_each_hidden_state(tmp_path: Path, monkeypatch):
+    """With output_hidden_states a decode step runs each layer in its own native call, so every layer's output is
+    kept: the same states as the modules give."""
+    _require_native()
+    japanese_reference(hidden_size=64).save_pretrained(tmp_path)
+    model = neoxja.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(6))
+
+    def states() -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            out = model(ids[:, :5], use_cache=True)
+            return model(ids[:, 5:], past_key_values=out.past_key_values, use_cache=True,
+                         output_hidden_states=True).hidden_states
+
+    runs = _native_runs(monkeypatch)
+    native = states()
+    assert runs == [1, 1, 1]
+    monkeypatch.setattr(kernels, "decode_ready", lambda *args: False)
+    modules = states()
+    assert len(native) == len(modules) == 4
+    for got, want in zip(native, modules):
+        torch.testing.assert_close(got, want, rtol=0, atol=0.02 * float(want.abs().max()))
+
+
 def test_decode_plans_follow_the_weights(tmp_path: Path, monkeypatch):
     """A layer's decode plan points at its weights: replacing a weight, a whole linear layer, or a dtype round trip
     must change what the native step computes exactly as it changes the modules' result."""
