@@ -419,9 +419,10 @@ class Layer(nn.Module):
         key = self._plan_key()
         if key is None:
             return None
-        if self._plan[0] != key:
-            self._plan = (key, self._make_plan())
-        return self._plan[1]
+        kept = self.__dict__.get("_plan", (None, None))  # absent in a Layer unpickled from before decode plans
+        if kept[0] != key:
+            kept = self._plan = (key, self._make_plan())
+        return kept[1]
 
     def _plan_modules(self) -> tuple[nn.Module, ...] | None:
         """The modules a decode plan reads, through the module dicts (attribute access costs ~1 us each, per layer and
