@@ -298,8 +298,8 @@ INLINE void tile_4bit(int dot, int R, int M, int64_t n, int64_t stride, int64_t 
    attention.dense 45 -> 41 -> 43.5 (weighted by bytes per layer: about 9 % less time). One core in L2 reads the
    same 25 GB/s all three ways: what changed is how the loop's work overlaps the memory stream, not its count of
    vector operations (4 vpermw, 3 shifts, 4 vdpbf16ps and 2 FMAs per 64-byte line, which bound it at ~8 cycles a
-   line). `ahead` = 0 skips the prefetches; the test on it
-   also keeps GCC from gathering the four prefetches at the top of the loop, which measured 2-3 % slower. */
+   line). `ahead` = 0 skips the prefetches; the test on it also keeps GCC from gathering the four prefetches at the
+   top of the loop, which measured 2-3 % slower. */
 INLINE void dot4_one_row(int R, const uint8_t *w, const float *absmax, int64_t n, int64_t stride, int64_t K,
                          int64_t ahead, const uint16_t *xb, __m512i codebf, float *part)
 {

@@ -311,7 +311,8 @@ def layer_plan(specs: list[GemvSpec | None], norms: tuple, dense_bias: torch.Ten
                               hidden, heads, scale)
 
 
-def caches_suit(caches: list[tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor, heads: int, position: int) -> bool:
+def _caches_suit(caches: list[tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor, heads: int,
+                 position: int) -> bool:
     """Whether the layers' KV cache buffers are laid out as `decode_layers` reads them: each [batch, heads,
     > position, head_dim] in x's dtype, on the CPU, all with one shape and one set of strides."""
     batch, _, hidden = x.shape
@@ -330,9 +331,9 @@ def decode_layers(x: torch.Tensor, plans: list[bytes], caches: list[tuple[torch.
     agree with the module path to within one bf16 rounding of a few elements."""
     batch, _, hidden = x.shape
     if (not decode_ready(x, heads) or not plans or len(plans) != len(caches) or any(p is None for p in plans)
-            or not caches_suit(caches, x, heads, position)):
-        raise InputError("decode_layers: these tensors do not suit the native kernel (check decode_ready, layer_plan "
-                         "and caches_suit)")
+            or not _caches_suit(caches, x, heads, position)):
+        raise InputError("decode_layers: these tensors do not suit the native kernel (check decode_ready and "
+                         "layer_plan; each layer's cache must be [batch, heads, > position, head_dim] in x's dtype)")
     x = x.contiguous()
     out = torch.empty_like(x)
     cos, sin, mask, strides = _attention_inputs(x.dtype, batch, cos, sin, caches[0][0], position, mask)

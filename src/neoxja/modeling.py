@@ -624,8 +624,8 @@ class NeoXModel(PreTrainedModel):
             return none, []
         count, dim = config.num_attention_heads, config.head_dim
         caches = [cache.reserve(i, 1, x, (x.shape[0], count), dim, dim) for i in range(len(layers))]
-        if not kernels.caches_suit(caches, x, count, cache.lengths[0]):
-            return none, []
+        if not kernels.cache_suits(*caches[0], x.dtype):  # e.g. a legacy cache in another dtype: the modules take it
+            return none, []  # (kernels.decode_layers checks every layer's buffers before it reads them)
         return [layer.decode_plan() if isinstance(layer, Layer) else None for layer in layers], caches
 
     def _embed(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
