@@ -225,7 +225,8 @@ def _check_close(y: torch.Tensor, ref: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("kind", sorted(LAYERS))
 def test_quantized_linear_matches_dequantized(kind: str, native: bool):
-    for n, k, bias in [(40, 256, True), (33, 192, False), (24, 320, True)]:  # K % 128 == 64 pads the 4-bit rows
+    # K % 128 == 64 pads the 4-bit rows; 1856 (15 lines of 128) has groups of 8, 4, 2 and 1 lines (kernels docstring)
+    for n, k, bias in [(40, 256, True), (33, 192, False), (24, 320, True), (20, 1856, True)]:
         lin = _linear(n, k, bias)
         layer = LAYERS[kind](lin)
         w = layer.dequantize()

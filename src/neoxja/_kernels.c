@@ -130,19 +130,51 @@ INLINE void decode32(int fmt, const void *row, int64_t k, __m512 *w0, __m512 *w1
     }
 }
 
-/* 4-bit runtime layout: each 64-byte line of a row holds 128 weights (two absmax blocks); 16-bit lane w (0..31),
-   nibble t (0..3, from the least significant) holds element 32t + w. Shifting the line right by 4t puts the code
-   indices of elements 32t..32t+31 in the low bits of the 32 lanes, in order:
-   - fp32 path: each half widened to 32-bit lanes indexes the 16-entry fp32 code book with vpermps, which reads only
-     the low 4 bits of each index: 16 weights exactly;
-   - bf16 path (AVX512-BF16, bf16 activations): vpermw reads the low 5 bits, so a 32-entry table holding the code
-     book twice, rounded to bf16, turns all 32 lanes into bf16 weights at once, and vdpbf16ps multiplies them with
-     32 bf16 activations, summing in fp32: half the instructions per weight. */
-INLINE void decode4(__m512i line, int t, __m512 code, __m512 *w0, __m512 *w1)
+/* 4-bit runtime layout. A row, padded to Kp (a multiple of 128), is cut into 64-byte lines of 128 weights and the
+   lines into groups: 8 lines (1024 weights, 16 absmax blocks) while 8 are left, then 4, 2 and 1 for the rest (a
+   2560-wide row: 8 + 8 + 4). Line l of a group of L lines holds its group's steps s = 4l + t (t 0..3): nibble t (from
+   the least significant) of 16-bit lane w = 2j + e (j 0..15, e 0..1). Every step's pair j belongs to block
+   j mod 2L of the group, so 32-bit lane j of any sum of products stays within one block, and a row's block scales
+   multiply its sums once per group (`group_scale`) instead of once per block (16 % more lines per second from L2 on
+   one core). In its block, step s's pair j holds elements 8L q + 8l + 2t + e with q = j div 2L: the block's 8/L
+   lanes take turns in runs of 8L elements, so pair j of step s is the activations' pair 32b + 4L q + s of the group
+   (`pair_base`). Decoding a step:
+   - bf16 path (AVX512-BF16, bf16 activations): shifting the line right by 4t leaves the step's indices in the low
+     bits of the 32 lanes; vpermw reads the low 5 bits, so a 32-entry table holding the code book twice, rounded to
+     bf16, turns them into 32 bf16 weights at once, and vdpbf16ps multiplies them with the step's 32 activations,
+     summing each pair in fp32 lane j: half the instructions per weight;
+   - fp32 path: vpermps reads the low 4 bits of each 32-bit lane, so the dword lanes shifted right by 4t (by 16 + 4t)
+     give the even (odd) weight of every pair exactly, matched with activations stored evens then odds per step. */
+INLINE int group_lines(int64_t lines_left)
 {
-    __m512i v = _mm512_srli_epi16(line, 4 * t);
-    *w0 = _mm512_permutexvar_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), code);
-    *w1 = _mm512_permutexvar_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), code);
+    return lines_left >= 8 ? 8 : lines_left >= 4 ? 4 : lines_left >= 2 ? 2 : 1;
+}
+
+/* The absmax of the group's 2L blocks (from `a`) in the lanes whose sums they scale: lane j gets block j mod 2L. */
+INLINE __m512 group_scale(const float *a, int L)
+{
+    if (L == 8) return _mm512_loadu_ps(a);
+    if (L == 4) return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd((const double *)a)));
+    if (L == 2) return _mm512_broadcast_f32x4(_mm_loadu_ps(a));
+    double pair;
+    memcpy(&pair, a, sizeof pair);
+    return _mm512_castpd_ps(_mm512_set1_pd(pair));
+}
+
+/* Lane j: the activations' pair (counted from the group's start) that step 0's pair j multiplies; step s adds s. */
+INLINE __m512i pair_base(int L)
+{
+    const __m512i j = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512i block = _mm512_and_si512(j, _mm512_set1_epi32(2 * L - 1));
+    __m512i turn = _mm512_srli_epi32(j, __builtin_ctz(2 * L));
+    return _mm512_add_epi32(_mm512_slli_epi32(block, 5), _mm512_mullo_epi32(turn, _mm512_set1_epi32(4 * L)));
+}
+
+/* The even and odd weights of step t of a line's 16 pairs, as fp32 (fp32 path) */
+INLINE void decode4(__m512i line, int t, __m512 code, __m512 *even, __m512 *odd)
+{
+    *even = _mm512_permutexvar_ps(_mm512_srli_epi32(line, 4 * t), code);
+    *odd = _mm512_permutexvar_ps(_mm512_srli_epi32(line, 16 + 4 * t), code);
 }
 
 /* ---- GEMV: y[m, n] = sum_k x[m, k] w[n, k] (* SCB[n] / 127 for int8) + bias[n] ----
@@ -228,8 +260,8 @@ INLINE void tile_bf16_dot(int R, int M, int64_t n, int64_t stride, int64_t ahead
 }
 #endif
 
-/* Per 64-weight block the code values are summed first and the block's absmax multiplies the sum: one FMA per block
-   instead of one multiply per weight (same result up to fp32 rounding). K = row length padded to 128. `dot` (a
+/* Sums of products accumulate per group of lines, whose block scales then multiply them (see the layout): one FMA per
+   row and activation row per group. K = row length padded to 128; k0 and k1 lie on group boundaries. `dot` (a
    compile-time constant at each call) picks the bf16 path (xb, codebf) or the fp32 one (xp, code). */
 INLINE void tile_4bit(int dot, int R, int M, int64_t n, int64_t stride, int64_t ahead, const uint8_t *w,
                       const float *absmax, __m512 code, __m512i codebf, int64_t K, int64_t k0, int64_t k1,
@@ -237,20 +269,20 @@ INLINE void tile_4bit(int dot, int R, int M, int64_t n, int64_t stride, int64_t 
 {
     __m512 acc[4][MAX_M];
     zero(R, M, acc);
-    for (int64_t k = k0; k < k1; k += 128) {
-        __m512i line[4];
+    for (int64_t k = k0; k < k1;) {
+        int L = group_lines((K - k) / 128);
+        __m512 s[4][MAX_M];
+        zero(R, M, s);
+        for (int l = 0; l < L; l++, k += 128) {
+            __m512i line[4];
 #pragma GCC unroll 8
-        for (int r = 0; r < R; r++) {
-            const uint8_t *p = w + (n + r * stride) * (K / 2) + k / 2;
-            if (ahead) _mm_prefetch((const char *)p + ahead, _MM_HINT_T1); /* see PREFETCH */
-            line[r] = _mm512_loadu_si512(p);
-        }
-#pragma GCC unroll 2
-        for (int b = 0; b < 2; b++) {
-            __m512 s[4][MAX_M];
-            zero(R, M, s);
-#pragma GCC unroll 2
-            for (int t = 2 * b; t < 2 * b + 2; t++) {
+            for (int r = 0; r < R; r++) {
+                const uint8_t *p = w + (n + r * stride) * (K / 2) + k / 2;
+                if (ahead) _mm_prefetch((const char *)p + ahead, _MM_HINT_T1); /* see PREFETCH */
+                line[r] = _mm512_loadu_si512(p);
+            }
+#pragma GCC unroll 4
+            for (int t = 0; t < 4; t++) {
 #ifdef __AVX512BF16__
                 if (dot) {
                     __m512i wt[4];
@@ -267,39 +299,41 @@ INLINE void tile_4bit(int dot, int R, int M, int64_t n, int64_t stride, int64_t 
                     continue;
                 }
 #endif
-                __m512 w0[4], w1[4];
+                __m512 even[4], odd[4];
 #pragma GCC unroll 4
-                for (int r = 0; r < R; r++) decode4(line[r], t, code, &w0[r], &w1[r]);
+                for (int r = 0; r < R; r++) decode4(line[r], t, code, &even[r], &odd[r]);
 #pragma GCC unroll 8
                 for (int m = 0; m < M; m++) {
-                    __m512 xa = _mm512_loadu_ps(xp + m * K + k + 32 * t);
-                    __m512 xc = _mm512_loadu_ps(xp + m * K + k + 32 * t + 16);
+                    __m512 xe = _mm512_loadu_ps(xp + m * K + k + 32 * t);
+                    __m512 xo = _mm512_loadu_ps(xp + m * K + k + 32 * t + 16);
 #pragma GCC unroll 4
-                    for (int r = 0; r < R; r++) s[r][m] = _mm512_fmadd_ps(w1[r], xc, _mm512_fmadd_ps(w0[r], xa, s[r][m]));
+                    for (int r = 0; r < R; r++)
+                        s[r][m] = _mm512_fmadd_ps(odd[r], xo, _mm512_fmadd_ps(even[r], xe, s[r][m]));
                 }
             }
+        }
 #pragma GCC unroll 8
-            for (int r = 0; r < R; r++) {
-                __m512 a = _mm512_set1_ps(absmax[(n + r * stride) * (K / 64) + k / 64 + b]);
+        for (int r = 0; r < R; r++) {
+            __m512 a = group_scale(absmax + (n + r * stride) * (K / 64) + (k - 128 * L) / 64, L);
 #pragma GCC unroll 8
-                for (int m = 0; m < M; m++) acc[r][m] = _mm512_fmadd_ps(s[r][m], a, acc[r][m]);
-            }
+            for (int m = 0; m < M; m++) acc[r][m] = _mm512_fmadd_ps(s[r][m], a, acc[r][m]);
         }
     }
     add_partials(R, M, stride, acc, part);
 }
 
 #ifdef __AVX512BF16__
-/* tile_4bit's bf16 path for one activation row (the same arithmetic in the same order), out of line, with one
+/* tile_4bit's bf16 path for one activation row (the same products, summed in two registers), out of line, with one
    pointer per row, prefetching `ahead` bytes further along each row's stream (see PREFETCH). Inlined into gemv_rows,
    GCC kept the row addresses in vector registers (20-28 vmovq per four lines). Measured on 2 cores, pools of 1 GiB
    of each ABEJA 2.7B shape, quiet host (GB/s, inlined without prefetch -> inlined with -> this): dense_4h_to_h
    (5120-byte rows) 39 -> 47.5 -> 52; query_key_value 50 -> 46 -> 48.5; dense_h_to_4h 48.5 -> 46 -> 50.5;
    attention.dense 45 -> 41 -> 43.5 (weighted by bytes per layer: about 9 % less time). One core in L2 reads the
    same 25 GB/s all three ways: what changed is how the loop's work overlaps the memory stream, not its count of
-   vector operations (4 vpermw, 3 shifts, 4 vdpbf16ps and 2 FMAs per 64-byte line, which bound it at ~8 cycles a
-   line). `ahead` = 0 skips the prefetches; the test on it also keeps GCC from gathering the four prefetches at the
-   top of the loop, which measured 2-3 % slower. */
+   vector operations (4 vpermw, 3 shifts and 4 vdpbf16ps per 64-byte line, and one FMA per group, which bound it at
+   ~7 cycles a line). Each row sums its steps t = 0, 1 and t = 2, 3 in two registers, which keeps the chains of
+   dependent vdpbf16ps short enough for four rows to hide their latency. `ahead` = 0 skips the prefetches; the test
+   on it also keeps GCC from gathering the four prefetches at the top of the loop, which measured 2-3 % slower. */
 INLINE void dot4_one_row(int R, const uint8_t *w, const float *absmax, int64_t n, int64_t stride, int64_t K,
                          int64_t ahead, const uint16_t *xb, __m512i codebf, float *part)
 {
@@ -311,6 +345,9 @@ INLINE void dot4_one_row(int R, const uint8_t *w, const float *absmax, int64_t n
         a[r] = absmax + (n + r * stride) * (K / 64);
         acc[r] = _mm512_setzero_ps();
     }
+    __m512 s0[4], s1[4];
+    for (int r = 0; r < R; r++) s0[r] = s1[r] = _mm512_setzero_ps();
+    int L = group_lines(K / 128), left = L; /* the group's lines, and how many of them are still to come */
     for (const uint16_t *x = xb, *end = xb + K; x < end; x += 128) {
         __m512bh x0 = (__m512bh)_mm512_loadu_si512(x), x1 = (__m512bh)_mm512_loadu_si512(x + 32);
         __m512bh x2 = (__m512bh)_mm512_loadu_si512(x + 64), x3 = (__m512bh)_mm512_loadu_si512(x + 96);
@@ -318,14 +355,20 @@ INLINE void dot4_one_row(int R, const uint8_t *w, const float *absmax, int64_t n
         for (int r = 0; r < R; r++) {
             if (ahead) _mm_prefetch((const char *)p[r] + ahead, _MM_HINT_T1); /* keeps each prefetch by its load */
             __m512i line = _mm512_loadu_si512(p[r]);
-            __m512 s0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_permutexvar_epi16(line, codebf), x0);
-            s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(line, 4), codebf), x1);
-            __m512 s1 = _mm512_dpbf16_ps(_mm512_setzero_ps(),
-                                         (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(line, 8), codebf), x2);
-            s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(line, 12), codebf), x3);
-            acc[r] = _mm512_fmadd_ps(s0, _mm512_set1_ps(a[r][0]), acc[r]);
-            acc[r] = _mm512_fmadd_ps(s1, _mm512_set1_ps(a[r][1]), acc[r]);
-            p[r] += 64, a[r] += 2;
+            s0[r] = _mm512_dpbf16_ps(s0[r], (__m512bh)_mm512_permutexvar_epi16(line, codebf), x0);
+            s0[r] = _mm512_dpbf16_ps(s0[r], (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(line, 4), codebf), x1);
+            s1[r] = _mm512_dpbf16_ps(s1[r], (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(line, 8), codebf), x2);
+            s1[r] = _mm512_dpbf16_ps(s1[r], (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(line, 12), codebf),
+                                     x3);
+            p[r] += 64;
+        }
+        if (--left == 0) {
+            for (int r = 0; r < R; r++) {
+                acc[r] = _mm512_fmadd_ps(_mm512_add_ps(s0[r], s1[r]), group_scale(a[r], L), acc[r]);
+                s0[r] = s1[r] = _mm512_setzero_ps();
+                a[r] += 2 * L;
+            }
+            left = L = group_lines((end - x) / 128 - 1);
         }
     }
     for (int r = 0; r < R; r++) part[r * stride] += _mm512_reduce_add_ps(acc[r]);
@@ -386,7 +429,7 @@ INLINE void tile(const Gemv *g, int fmt, int R, int M, int64_t n, int64_t stride
    compile-time constants at every call site, so each (format, R, M) gets its own unrolled, register-resident copy. */
 INLINE void gemv_rows(const Gemv *g, int fmt, int R, int M, int64_t n0, int64_t n1, float *part)
 {
-    int64_t kblock = M == 1 ? g->K : (4096 / M) & ~127;
+    int64_t kblock = M == 1 ? g->K : fmt == FMT_4BIT ? 1024 * (M <= 2 ? 2 : 1) : (4096 / M) & ~127; /* 4-bit: groups */
     __m512 code = fmt == FMT_4BIT ? _mm512_loadu_ps(g->code) : _mm512_setzero_ps();
     uint16_t table[32]; /* the bf16 path's vpermw table: the code book rounded to bf16, twice */
     for (int i = 0; i < 32; i++) table[i] = fmt == FMT_4BIT ? f32_to_bf16(g->code[i & 15]) : 0;
@@ -453,11 +496,48 @@ static void split_rows(int64_t N, int t, int T, int64_t *n0, int64_t *n1)
     if (*n1 > N) *n1 = N;
 }
 
+/* The activations of a 4-bit GEMV, x [M, K], in the order its steps read them (see the layout): step s of a group of
+   L lines starting at element g0 reads pair g0/2 + pair_base(L)[j] + s of x in lane j; pairs past K are zero. bf16
+   path: the pairs as they are (xb); fp32 path: each step's 16 even then 16 odd elements, as fp32 (xp). */
+static void prepare_x_4bit(const Gemv *g, const void *x, int xdt, int64_t K)
+{
+    const __m512i halves = _mm512_set1_epi32((int)0xffff0000u), one = _mm512_set1_epi32(1);
+    for (int64_t m = 0; m < g->M; m++) {
+        const void *row = xdt == DT_BF16 ? (const void *)((const uint16_t *)x + m * K) : (const float *)x + m * K;
+        for (int64_t g0 = 0; g0 < g->K;) {
+            int L = group_lines((g->K - g0) / 128);
+            __m512i pair = _mm512_add_epi32(pair_base(L), _mm512_set1_epi32((int)(g0 / 2)));
+            for (int s = 0; s < 4 * L; s++, pair = _mm512_add_epi32(pair, one)) {
+                __mmask16 real = _mm512_cmplt_epi32_mask(pair, _mm512_set1_epi32((int)(K / 2)));
+                int64_t at = m * g->K + g0 + 32 * s;
+                if (xdt == DT_BF16) {
+                    __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), real, pair, row, 4);
+                    if (g->xb) {
+                        _mm512_storeu_si512((uint16_t *)g->xb + at, v);
+                        continue;
+                    }
+                    _mm512_storeu_ps((float *)g->xp + at, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+                    _mm512_storeu_ps((float *)g->xp + at + 16, _mm512_castsi512_ps(_mm512_and_si512(v, halves)));
+                } else {
+                    __m512i even = _mm512_slli_epi32(pair, 1), odd = _mm512_add_epi32(even, one);
+                    _mm512_storeu_ps((float *)g->xp + at,
+                                     _mm512_mask_i32gather_ps(_mm512_setzero_ps(), real, even, row, 4));
+                    _mm512_storeu_ps((float *)g->xp + at + 16,
+                                     _mm512_mask_i32gather_ps(_mm512_setzero_ps(), real, odd, row, 4));
+                }
+            }
+            g0 += 128 * L;
+        }
+    }
+}
+
 /* The activations of one GEMV, [M, K] in `xdt`, into the buffer its path reads (xb: bf16 for the AVX512-BF16 paths;
    xp: fp32 in decoder order), zero-padded to g->K. */
 static void prepare_activations(const Gemv *g, const void *x, int xdt, int64_t K)
 {
-    if (g->xb)
+    if (g->fmt == FMT_4BIT)
+        prepare_x_4bit(g, x, xdt, K);
+    else if (g->xb)
         for (int64_t m = 0; m < g->M; m++) {
             memcpy((uint16_t *)g->xb + m * g->K, (const uint16_t *)x + m * K, (size_t)K * sizeof(uint16_t));
             memset((uint16_t *)g->xb + m * g->K + K, 0, (size_t)(g->K - K) * sizeof(uint16_t));
@@ -540,16 +620,45 @@ static void dequant_row(int fmt, int64_t n, const void *w, const float *scale, c
         }
         return;
     }
+    /* 4-bit (see the layout): dword j of line l of a group holds the run of 8 elements 8L q + 8l + 2t + e
+       (t 0..3, e 0..1) of block j mod 2L, q = j div 2L; two dwords at a time are spread over 16 lanes, shifted so
+       that each lane's index is in its low 4 bits, and looked up in the code book. */
     int64_t Kp = (K + 127) / 128 * 128;
-    __m512 c = _mm512_loadu_ps(code);
-    for (int64_t k = 0; k < K; k += 128) {
-        __m512i line = _mm512_loadu_si512((const uint8_t *)w + n * (Kp / 2) + k / 2);
-        for (int t = 0; t < 4 && k + 32 * t < K; t++) { /* K is a multiple of 64: whole 32-weight groups */
-            __m512 a = _mm512_set1_ps(scale[n * (Kp / 64) + k / 64 + t / 2]), w0, w1;
-            decode4(line, t, c, &w0, &w1);
-            store16(out, n * K + k + 32 * t, odt, _mm512_mul_ps(w0, a));
-            store16(out, n * K + k + 32 * t + 16, odt, _mm512_mul_ps(w1, a));
+    const uint8_t *bytes = (const uint8_t *)w + n * (Kp / 2);
+    const float *a = scale + n * (Kp / 64);
+    const __m512 c = _mm512_loadu_ps(code);
+    const __m512i shift = _mm512_set_epi32(28, 12, 24, 8, 20, 4, 16, 0, 28, 12, 24, 8, 20, 4, 16, 0);
+    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    for (int64_t g0 = 0; g0 < Kp;) {
+        int L = group_lines((Kp - g0) / 128);
+        for (int l = 0; l < L; l++) {
+            __m512i line = _mm512_loadu_si512(bytes + (g0 + 128 * l) / 2);
+            for (int j = 0; j < 16; j += 2) {
+                __m512i which = _mm512_add_epi32(halves, _mm512_set1_epi32(j));
+                __m512i idx = _mm512_srlv_epi32(_mm512_permutexvar_epi32(which, line), shift);
+                int64_t at[2];
+                float am[2];
+                for (int h = 0; h < 2; h++) {
+                    int b = (j + h) % (2 * L);
+                    at[h] = g0 + 64 * b + 8 * L * ((j + h) / (2 * L)) + 8 * l;
+                    am[h] = a[g0 / 64 + b];
+                }
+                __m512d scales = _mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(am[0])),
+                                                    _mm256_castps_pd(_mm256_set1_ps(am[1])), 1);
+                __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(idx, c), _mm512_castpd_ps(scales));
+                __m256i h16 = odt == DT_BF16 ? f32x16_to_bf16(v) : _mm256_setzero_si256();
+                __m512 upper = _mm512_shuffle_f32x4(v, v, 0xee);
+                for (int h = 0; h < 2; h++) {
+                    if (at[h] >= K) continue; /* padding: K is a multiple of 64, so a run is all in or all out */
+                    if (odt == DT_BF16)
+                        _mm_storeu_si128((__m128i *)((uint16_t *)out + n * K + at[h]),
+                                         h ? _mm256_extracti128_si256(h16, 1) : _mm256_castsi256_si128(h16));
+                    else
+                        _mm256_storeu_ps((float *)out + n * K + at[h], _mm512_castps512_ps256(h ? upper : v));
+                }
+            }
         }
+        g0 += 128 * L;
     }
 }
 

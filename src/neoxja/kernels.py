@@ -18,10 +18,12 @@ exception: it multiplies by the weights rounded to bf16, as bitsandbytes' `Linea
 Measured against torch's own kernels: benchmarks/matmul.py.
 
 4-bit runtime layout (made by `pack_4bit` from code indices; the bitsandbytes layout is kept only on disk):
-rows are padded to Kp = K rounded up to 128; each 64-byte line of a row holds 128 weights, 16-bit lane w (0..31),
-nibble t (0..3, from the least significant) holding element 32t + w of the line. One shift then puts 32
-consecutive weights' indices in the 32 lanes, in order (see _kernels.c). `absmax` is fp32 [N, Kp/64]; padding
-blocks have absmax 0.
+rows are padded to Kp = K rounded up to 128 and cut into 64-byte lines of 128 weights, the lines into groups of 8
+(1024 weights, 16 absmax blocks) while 8 are left, then 4, 2 and 1. Line l of a group of L lines holds steps
+s = 4l + t: nibble t (0..3, from the least significant) of 16-bit lane w = 2j + e holds element
+64 b + 8L q + 8l + 2t + e of the group, where b = j mod 2L is its block and q = j div 2L. So 32-bit lane j of a
+step only ever holds weights of block b, and the kernel scales each lane's sum once per group (see _kernels.c).
+`absmax` is fp32 [N, Kp/64] in block order; padding blocks have absmax 0.
 
 bf16 weights with bf16 activations on AVX512-BF16 use vdpbf16ps: the products are exact in fp32 and sums fp32, so
 the numbers are those above (denormal inputs count as zero); batched decoding, which is compute-bound, gains most.
@@ -34,6 +36,7 @@ rounds the dequantized weights to bf16 too). The result stays within bf16 precis
 from __future__ import annotations
 
 from array import array
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -146,9 +149,22 @@ def pack_4bit(indices: torch.Tensor) -> torch.Tensor:
     """Code indices [N, K] (values 0..15) -> runtime layout uint8 [N, Kp/2] (see the module docstring)."""
     n, k = indices.shape
     kp = _ceil128(k)
-    idx = F.pad(indices.to(torch.uint8), (0, kp - k))
+    idx = F.pad(indices.to(torch.uint8), (0, kp - k))[:, _runtime_order(kp)]
     lane_nibble = idx.view(n, kp // 128, 4, 32).transpose(2, 3)  # [n, line, lane w, nibble t]
     return (lane_nibble[..., 0::2] | (lane_nibble[..., 1::2] << 4)).reshape(n, kp // 2).contiguous()
+
+
+@lru_cache(maxsize=None)
+def _runtime_order(kp: int) -> torch.Tensor:
+    """The element of a padded row at each position 128 line + 32 t + w of the 4-bit runtime layout."""
+    parts, g0 = [], 0
+    while g0 < kp:
+        left = (kp - g0) // 128
+        lines = 8 if left >= 8 else 4 if left >= 4 else 2 if left >= 2 else 1
+        l, t, j, e = torch.meshgrid(*(torch.arange(size) for size in (lines, 4, 16, 2)), indexing="ij")
+        parts.append((g0 + 64 * (j % (2 * lines)) + 8 * lines * (j // (2 * lines)) + 8 * l + 2 * t + e).reshape(-1))
+        g0 += 128 * lines
+    return torch.cat(parts)
 
 
 def quantize_4bit_native(flat: torch.Tensor, nf4: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -170,7 +186,9 @@ def unpack_4bit(packed: torch.Tensor, k: int) -> torch.Tensor:
     n, kp = packed.shape[0], packed.shape[1] * 2
     b = packed.view(n, kp // 128, 32, 2)
     lane_nibble = torch.stack((b & 15, b >> 4), dim=-1).reshape(n, kp // 128, 32, 4)
-    return lane_nibble.transpose(2, 3).reshape(n, kp)[:, :k].contiguous()
+    natural = torch.empty(n, kp, dtype=torch.uint8)
+    natural[:, _runtime_order(kp)] = lane_nibble.transpose(2, 3).reshape(n, kp)
+    return natural[:, :k].contiguous()
 
 
 def pad_absmax(absmax: torch.Tensor, n: int, k: int) -> torch.Tensor:
