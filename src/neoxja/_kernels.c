@@ -620,42 +620,28 @@ static void dequant_row(int fmt, int64_t n, const void *w, const float *scale, c
         }
         return;
     }
-    /* 4-bit (see the layout): dword j of line l of a group holds the run of 8 elements 8L q + 8l + 2t + e
-       (t 0..3, e 0..1) of block j mod 2L, q = j div 2L; two dwords at a time are spread over 16 lanes, shifted so
-       that each lane's index is in its low 4 bits, and looked up in the code book. */
+    /* 4-bit (see the layout): dword j of line l of a group of L lines holds run r = L q + l (elements 8r..8r+7) of
+       block j mod 2L, q = j div 2L. Each 16 elements of a block are two runs: their dwords spread over 16 lanes,
+       shifted so that each lane's index is in its low 4 bits, then looked up in the code book and scaled. */
     int64_t Kp = (K + 127) / 128 * 128;
     const uint8_t *bytes = (const uint8_t *)w + n * (Kp / 2);
-    const float *a = scale + n * (Kp / 64);
     const __m512 c = _mm512_loadu_ps(code);
     const __m512i shift = _mm512_set_epi32(28, 12, 24, 8, 20, 4, 16, 0, 28, 12, 24, 8, 20, 4, 16, 0);
-    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    for (int64_t g0 = 0; g0 < Kp;) {
+    for (int64_t g0 = 0; g0 < K;) {
         int L = group_lines((Kp - g0) / 128);
-        for (int l = 0; l < L; l++) {
-            __m512i line = _mm512_loadu_si512(bytes + (g0 + 128 * l) / 2);
-            for (int j = 0; j < 16; j += 2) {
-                __m512i which = _mm512_add_epi32(halves, _mm512_set1_epi32(j));
-                __m512i idx = _mm512_srlv_epi32(_mm512_permutexvar_epi32(which, line), shift);
-                int64_t at[2];
-                float am[2];
-                for (int h = 0; h < 2; h++) {
-                    int b = (j + h) % (2 * L);
-                    at[h] = g0 + 64 * b + 8 * L * ((j + h) / (2 * L)) + 8 * l;
-                    am[h] = a[g0 / 64 + b];
-                }
-                __m512d scales = _mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(am[0])),
-                                                    _mm256_castps_pd(_mm256_set1_ps(am[1])), 1);
-                __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(idx, c), _mm512_castpd_ps(scales));
-                __m256i h16 = odt == DT_BF16 ? f32x16_to_bf16(v) : _mm256_setzero_si256();
-                __m512 upper = _mm512_shuffle_f32x4(v, v, 0xee);
-                for (int h = 0; h < 2; h++) {
-                    if (at[h] >= K) continue; /* padding: K is a multiple of 64, so a run is all in or all out */
-                    if (odt == DT_BF16)
-                        _mm_storeu_si128((__m128i *)((uint16_t *)out + n * K + at[h]),
-                                         h ? _mm256_extracti128_si256(h16, 1) : _mm256_castsi256_si128(h16));
-                    else
-                        _mm256_storeu_ps((float *)out + n * K + at[h], _mm512_castps512_ps256(h ? upper : v));
-                }
+        __m512i line[8];
+        for (int l = 0; l < L; l++) line[l] = _mm512_loadu_si512(bytes + g0 / 2 + 64 * l);
+        __m512i which[4]; /* the dwords of runs r, r + 1 of block 0; block b's are b further */
+        for (int r = 0; r < 8; r += 2)
+            which[r / 2] = _mm512_mask_blend_epi32(0xff00, _mm512_set1_epi32(2 * L * (r / L)),
+                                                   _mm512_set1_epi32(16 + 2 * L * ((r + 1) / L)));
+        for (int b = 0; b < 2 * L && g0 + 64 * b < K; b++) { /* K is a multiple of 64: padding is whole blocks */
+            __m512 a = _mm512_set1_ps(scale[n * (Kp / 64) + g0 / 64 + b]);
+            for (int r = 0; r < 8; r += 2) {
+                __m512i dwords = _mm512_add_epi32(which[r / 2], _mm512_set1_epi32(b));
+                __m512i runs = _mm512_permutex2var_epi32(line[r % L], dwords, line[(r + 1) % L]);
+                __m512i idx = _mm512_srlv_epi32(runs, shift);
+                store16(out, n * K + g0 + 64 * b + 8 * r, odt, _mm512_mul_ps(_mm512_permutexvar_ps(idx, c), a));
             }
         }
         g0 += 128 * L;
