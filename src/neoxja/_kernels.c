@@ -323,17 +323,28 @@ INLINE void tile_4bit(int dot, int R, int M, int64_t n, int64_t stride, int64_t 
 }
 
 #ifdef __AVX512BF16__
+/* 64 bytes at p, after a prefetch (T1) of the line `ahead` bytes further along its stream. In asm so that the prefetch
+   stays beside its load: as an intrinsic GCC moved the four rows' prefetches to the top of the loop, which read 3-7 %
+   slower from memory. */
+INLINE __m512i prefetch_load(const uint8_t *p, int64_t ahead)
+{
+    __m512i v;
+    __asm__("prefetcht1 %1\n\tvmovdqu64 %2, %0" : "=v"(v) : "m"(*(p + ahead)), "m"(*(const __m512i *)p));
+    return v;
+}
+
 /* tile_4bit's bf16 path for one activation row (the same products, summed in two registers), out of line, with one
    pointer per row, prefetching `ahead` bytes further along each row's stream (see PREFETCH). Inlined into gemv_rows,
    GCC kept the row addresses in vector registers (20-28 vmovq per four lines). Measured on 2 cores, pools of 1 GiB
-   of each ABEJA 2.7B shape, quiet host (GB/s, inlined without prefetch -> inlined with -> this): dense_4h_to_h
+   of each ABEJA 2.7B shape, quiet host (GB/s, inlined without prefetch -> inlined with -> out of line): dense_4h_to_h
    (5120-byte rows) 39 -> 47.5 -> 52; query_key_value 50 -> 46 -> 48.5; dense_h_to_4h 48.5 -> 46 -> 50.5;
-   attention.dense 45 -> 41 -> 43.5 (weighted by bytes per layer: about 9 % less time). One core in L2 reads the
-   same 25 GB/s all three ways: what changed is how the loop's work overlaps the memory stream, not its count of
-   vector operations (4 vpermw, 3 shifts and 4 vdpbf16ps per 64-byte line, and one FMA per group, which bound it at
-   ~7 cycles a line). Each row sums its steps t = 0, 1 and t = 2, 3 in two registers, which keeps the chains of
-   dependent vdpbf16ps short enough for four rows to hide their latency. `ahead` = 0 skips the prefetches; the test
-   on it also keeps GCC from gathering the four prefetches at the top of the loop, which measured 2-3 % slower. */
+   attention.dense 45 -> 41 -> 43.5. Per 64-byte line: 3 shifts, 4 vpermw and 4 vdpbf16ps, and per group of lines one
+   FMA (see the layout; two FMAs per line before it): ~7 cycles a line, 30 GB/s on one core from L2 (27-28 with two
+   FMAs per line), yet from memory within 1 % of before, weighted by bytes per layer (GB/s, before -> now, probe
+   63-65: query_key_value 47.3 -> 50.1, attention.dense 42.7 -> 43.2, dense_h_to_4h 49.8 -> 50.0, dense_4h_to_h
+   50.9 -> 49.0): at batch 1 the memory streams, not the vector units, set the pace. Batched decode (tile_4bit),
+   compute-bound, gained 25-30 %. Each row sums steps t = 0, 1 and t = 2, 3 in two registers, which keeps the chains
+   of dependent vdpbf16ps short enough for four rows to hide their latency. */
 INLINE void dot4_one_row(int R, const uint8_t *w, const float *absmax, int64_t n, int64_t stride, int64_t K,
                          int64_t ahead, const uint16_t *xb, __m512i codebf, float *part)
 {
@@ -353,8 +364,7 @@ INLINE void dot4_one_row(int R, const uint8_t *w, const float *absmax, int64_t n
         __m512bh x2 = (__m512bh)_mm512_loadu_si512(x + 64), x3 = (__m512bh)_mm512_loadu_si512(x + 96);
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
-            if (ahead) _mm_prefetch((const char *)p[r] + ahead, _MM_HINT_T1); /* keeps each prefetch by its load */
-            __m512i line = _mm512_loadu_si512(p[r]);
+            __m512i line = prefetch_load(p[r], ahead);
             s0[r] = _mm512_dpbf16_ps(s0[r], (__m512bh)_mm512_permutexvar_epi16(line, codebf), x0);
             s0[r] = _mm512_dpbf16_ps(s0[r], (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(line, 4), codebf), x1);
             s1[r] = _mm512_dpbf16_ps(s1[r], (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(line, 8), codebf), x2);
