@@ -135,8 +135,8 @@ INLINE void decode32(int fmt, const void *row, int64_t k, __m512 *w0, __m512 *w1
    2560-wide row: 8 + 8 + 4). Line l of a group of L lines holds its group's steps s = 4l + t (t 0..3): nibble t (from
    the least significant) of 16-bit lane w = 2j + e (j 0..15, e 0..1). Every step's pair j belongs to block
    j mod 2L of the group, so 32-bit lane j of any sum of products stays within one block, and a row's block scales
-   multiply its sums once per group (`group_scale`) instead of once per block (16 % more lines per second from L2 on
-   one core). In its block, step s's pair j holds elements 8L q + 8l + 2t + e with q = j div 2L: the block's 8/L
+   multiply its sums once per group (`group_scale`) instead of once per block (see dot4_one_row for what that
+   gained). In its block, step s's pair j holds elements 8L q + 8l + 2t + e with q = j div 2L: the block's 8/L
    lanes take turns in runs of 8L elements, so pair j of step s is the activations' pair 32b + 4L q + s of the group
    (`pair_base`). Decoding a step:
    - bf16 path (AVX512-BF16, bf16 activations): shifting the line right by 4t leaves the step's indices in the low
