@@ -378,7 +378,7 @@ INLINE void dot4_one_row(int R, const uint8_t *w, const float *absmax, int64_t n
                 s0[r] = s1[r] = _mm512_setzero_ps();
                 a[r] += 2 * L;
             }
-            left = L = group_lines((end - x) / 128 - 1);
+            left = L = group_lines((end - x) / 128 - 1); /* lines after this one (0 at the end: the loop stops) */
         }
     }
     for (int r = 0; r < R; r++) part[r * stride] += _mm512_reduce_add_ps(acc[r]);
@@ -434,12 +434,13 @@ INLINE void tile(const Gemv *g, int fmt, int R, int M, int64_t n, int64_t stride
 
 /* Rows [n0, n1): R-row tiles (strided for M = 1, see STREAMS) and single rows for the remainder, then scale, bias and
    store. For M > 1, K is walked
-   in blocks whose activations (M x kblock fp32, 16 KB) stay in L1 while all the rows go by; one activation row is
-   small enough to stream from L2, and then each weight row is read in one sequential run. The format, R and M are
-   compile-time constants at every call site, so each (format, R, M) gets its own unrolled, register-resident copy. */
+   in blocks whose activations (M x kblock fp32, 16 KB; for 4-bit whole 1024-weight groups, 8-32 KB) stay in L1 while
+   all the rows go by; one activation row is small enough to stream from L2, and then each weight row is read in one
+   sequential run. The format, R and M are compile-time constants at every call site, so each (format, R, M) gets its
+   own unrolled, register-resident copy. */
 INLINE void gemv_rows(const Gemv *g, int fmt, int R, int M, int64_t n0, int64_t n1, float *part)
 {
-    int64_t kblock = M == 1 ? g->K : fmt == FMT_4BIT ? 1024 * (M <= 2 ? 2 : 1) : (4096 / M) & ~127; /* 4-bit: groups */
+    int64_t kblock = M == 1 ? g->K : fmt == FMT_4BIT ? (M <= 2 ? 2048 : 1024) : (4096 / M) & ~127;
     __m512 code = fmt == FMT_4BIT ? _mm512_loadu_ps(g->code) : _mm512_setzero_ps();
     uint16_t table[32]; /* the bf16 path's vpermw table: the code book rounded to bf16, twice */
     for (int i = 0; i < 32; i++) table[i] = fmt == FMT_4BIT ? f32_to_bf16(g->code[i & 15]) : 0;
@@ -808,8 +809,10 @@ static void attend_one(const float *q, const void *k, const void *v, int kdt, in
     }
     for (int64_t t = 0; t < T; t++) {
         __m512 p = _mm512_set1_ps(s[t]);
-        for (int c = 0; c < chunks; c++)
-            acc[c] = _mm512_fmadd_ps(p, load16_masked(v, t * st + 16 * c, kdt, c == chunks - 1 ? tail : 0xffff), acc[c]);
+        for (int c = 0; c < chunks; c++) {
+            __m512 vc = load16_masked(v, t * st + 16 * c, kdt, c == chunks - 1 ? tail : 0xffff);
+            acc[c] = _mm512_fmadd_ps(p, vc, acc[c]);
+        }
     }
     __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
     for (int c = 0; c < chunks; c++)
