@@ -190,8 +190,12 @@ INLINE void decode4(__m512i line, int t, __m512 code, __m512 *even, __m512 *odd)
    (benchmarks/matmul.py, quiet host): bf16 48 -> 57 GB/s with a prefetch 2 rows ahead, and 1 KB ahead instead of
    2 rows (10-20 KB) gained another ~2 % (pools of 1 GiB per ABEJA 2.7B shape, GB/s from 2 rows to 1 KB:
    query_key_value 56.1 -> 57.5, attention.dense 54.4 -> 54.8, dense_h_to_4h 56.7 -> 57.2, dense_4h_to_h 57.2 ->
-   59.0; 768 and 1536 bytes in between); 4-bit, see dot4_one_row (2 rows ahead: 1 KB lost 5-20 % on 10240-wide
-   rows). int8, whose decoding costs most, stays on contiguous tiles (55 GB/s there, 51-52 strided with a prefetch 2
+   59.0; 768 and 1536 bytes in between). 4-bit (dot4_one_row): 1 KB ahead on rows of up to 2 KB, 2 rows ahead on
+   longer ones, and the absmax stream as far ahead (an eighth of the bytes) once per group. Pools of 1 GiB per shape,
+   quiet host, GB/s from 2 rows ahead without the absmax prefetch: query_key_value 48.8 -> 52.3, attention.dense
+   44.6 -> 47.9, dense_h_to_4h 49.3 -> 51.6 (1280-byte rows: 512-1024 bytes ahead best, 1536 and more no gain), and
+   dense_4h_to_h 48.0 -> 49.9 (5120-byte rows, from the absmax prefetch; 0.5-1 KB ahead read 38-41, 2-7.5 KB as 2 rows).
+   int8, whose decoding costs most, stays on contiguous tiles (55 GB/s there, 51-52 strided with a prefetch 2
    or 3 rows ahead, 53-54 with dot4_one_row's out-of-line treatment). */
 
 INLINE void zero(int R, int M, __m512 acc[][MAX_M])
@@ -377,6 +381,7 @@ INLINE void dot4_one_row(int R, const uint8_t *w, const float *absmax, int64_t n
                 acc[r] = _mm512_fmadd_ps(_mm512_add_ps(s0[r], s1[r]), group_scale(a[r], L), acc[r]);
                 s0[r] = s1[r] = _mm512_setzero_ps();
                 a[r] += 2 * L;
+                _mm_prefetch((const char *)a[r] + ahead / 8, _MM_HINT_T1); /* see STREAMS */
             }
             left = L = group_lines((end - x) / 128 - 1); /* lines after this one (0 at the end: the loop stops) */
         }
@@ -448,7 +453,7 @@ INLINE void gemv_rows(const Gemv *g, int fmt, int R, int M, int64_t n0, int64_t 
     memset(part, 0, (size_t)((n1 - n0) * M) * sizeof(float));
     int64_t row = fmt == FMT_BF16 ? 2 * g->K : fmt == FMT_INT8 ? g->K : g->K / 2; /* bytes */
     if (M == 1 && fmt != FMT_INT8) { /* see STREAMS for the prefetch distances */
-        int64_t run = (n1 - n0) / R, n = n0 + R * run, ahead = fmt == FMT_BF16 ? 1024 : 2 * row;
+        int64_t run = (n1 - n0) / R, n = n0 + R * run, ahead = fmt == FMT_BF16 || row <= 2048 ? 1024 : 2 * row;
         for (int64_t i = 0; i < run; i++) tile(g, fmt, R, M, n0 + i, run, ahead, 0, g->K, code, codebf, part + i);
         for (; n < n1; n++) tile(g, fmt, 1, M, n, 1, ahead, 0, g->K, code, codebf, part + (n - n0));
     } else
