@@ -414,6 +414,7 @@ typedef struct {
     const uint16_t *xb; /* bf16 activations [M, K] (zero-padded) for the AVX512-BF16 paths of FMT_4BIT and FMT_BF16 */
     const void *bias;
     void *y;
+    int gelu; /* decode_layers' dense_h_to_4h: GELU on its bf16 outputs, each thread on the rows it wrote */
 } Gemv;
 
 INLINE void tile(const Gemv *g, int fmt, int R, int M, int64_t n, int64_t stride, int64_t ahead, int64_t k0, int64_t k1,
@@ -573,17 +574,22 @@ static int gemv_init(Gemv *g, int fmt, int ydt, int xdt, int64_t M, int64_t N, i
         return 0;
     int dot = xb && (fmt == FMT_4BIT || fmt == FMT_BF16) && xdt == DT_BF16;
     Gemv init = {fmt, ydt, bdt, M, N, fmt == FMT_4BIT ? (K + 127) / 128 * 128 : K, w, scale, code, xp,
-                 dot ? xb : NULL, bias, y};
+                 dot ? xb : NULL, bias, y, 0};
     *g = init;
     return 1;
 }
 
 /* Inside a parallel region: this thread's rows of y (see split_rows). `part`: N x M floats shared by the team. */
+static void gelu_bf16(uint16_t *v, int64_t n);
+
 static void gemv_share(const Gemv *g, float *part)
 {
     int64_t n0, n1;
     split_rows(g->N, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
-    if (n1 > n0) gemv_range(g, n0, n1, part + n0 * g->M);
+    if (n1 <= n0) return;
+    gemv_range(g, n0, n1, part + n0 * g->M);
+    if (g->gelu)
+        for (int64_t m = 0; m < g->M; m++) gelu_bf16((uint16_t *)g->y + m * g->N + n0, n1 - n0);
 }
 
 INLINE int64_t padded_k(int64_t K) { return (K + 127) / 128 * 128; }
@@ -825,34 +831,37 @@ static void attend_one(const float *q, const void *k, const void *v, int kdt, in
 }
 
 /* One decode step of attention for one (sequence, head), from the qkv projection of its new token ([q | k | v], D
-   values each): rotate query and key (GPT-NeoX half-split rotary on the first R channels, in fp32, rounded to the
-   activations' dtype as a separate rotary would store them), write key and value at position `pos` of the cache
-   (row stride st), then attend over positions 0..pos. */
+   values each): rotate query and key (GPT-NeoX half-split rotary on the first R channels, 16 channels a step, in
+   fp32 with both products rounded before the sum as PyTorch's fp32 rotary does, then rounded to the activations'
+   dtype as a separate rotary would store them), write key and value at position `pos` of the cache (row stride st),
+   then attend over positions 0..pos. */
 static void decode_one(const void *qkv, int dt, const void *cos, const void *sin, int64_t R, int64_t D, void *kc,
                        void *vc, int64_t st, int64_t pos, float scale, const float *mask, void *out, float *s)
 {
     float q[16 * MAX_HEAD_CHUNKS];
-#define AT(p, i) (dt == DT_BF16 ? bf16_to_f32(((const uint16_t *)(p))[i]) : ((const float *)(p))[i])
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     int64_t half = R / 2;
-    for (int64_t i = 0; i < D; i++) {
-        float qi = AT(qkv, i), ki = AT(qkv, D + i);
-        if (i < R) { /* x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1] */
-            int64_t j = i < half ? i + half : i - half;
-            float c = AT(cos, i), sn = i < half ? -AT(sin, i) : AT(sin, i);
-            qi = qi * c + AT(qkv, j) * sn;
-            ki = ki * c + AT(qkv, D + j) * sn;
-        }
-        if (dt == DT_BF16) {
-            q[i] = bf16_to_f32(f32_to_bf16(qi));
-            ((uint16_t *)kc)[pos * st + i] = f32_to_bf16(ki);
-            ((uint16_t *)vc)[pos * st + i] = ((const uint16_t *)qkv)[2 * D + i];
-        } else {
-            q[i] = qi;
-            ((float *)kc)[pos * st + i] = ki;
-            ((float *)vc)[pos * st + i] = ((const float *)qkv)[2 * D + i];
-        }
+    for (int64_t i0 = 0; i0 < D; i0 += 16) {
+        __m512i i = _mm512_add_epi32(lane, _mm512_set1_epi32((int)i0));
+        __mmask16 live = _mm512_cmplt_epi32_mask(i, _mm512_set1_epi32((int)D));
+        __mmask16 low = live & _mm512_cmplt_epi32_mask(i, _mm512_set1_epi32((int)half));
+        __mmask16 high = live & ~low & _mm512_cmplt_epi32_mask(i, _mm512_set1_epi32((int)R));
+        __m512 qi = load16_masked(qkv, i0, dt, live), ki = load16_masked(qkv, D + i0, dt, live);
+        /* x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]: channel i pairs with i + R/2 (low) or i - R/2 */
+        __m512 qj = _mm512_mask_mov_ps(load16_masked(qkv, i0 + half, dt, low), high,
+                                       load16_masked(qkv, i0 - half, dt, high));
+        __m512 kj = _mm512_mask_mov_ps(load16_masked(qkv, D + i0 + half, dt, low), high,
+                                       load16_masked(qkv, D + i0 - half, dt, high));
+        __m512 c = load16_masked(cos, i0, dt, low | high), sn = load16_masked(sin, i0, dt, low | high);
+        sn = _mm512_mask_sub_ps(sn, low, _mm512_setzero_ps(), sn);
+        qi = _mm512_mask_mov_ps(qi, low | high, _mm512_add_ps(_mm512_mul_ps(qi, c), _mm512_mul_ps(qj, sn)));
+        ki = _mm512_mask_mov_ps(ki, low | high, _mm512_add_ps(_mm512_mul_ps(ki, c), _mm512_mul_ps(kj, sn)));
+        if (dt == DT_BF16) /* the query as a separate rotary would store it */
+            qi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(f32x16_to_bf16(qi)), 16));
+        _mm512_storeu_ps(q + i0, qi);
+        store16_masked(kc, pos * st + i0, dt, ki, live);
+        store16_masked(vc, pos * st + i0, dt, load16_masked(qkv, 2 * D + i0, dt, live), live);
     }
-#undef AT
     attend_one(q, kc, vc, dt, pos + 1, D, st, scale, mask, out, dt, s);
 }
 
@@ -1100,7 +1109,6 @@ static void layers_share(const Step *s, const uint16_t *x, uint16_t *y)
 #pragma omp barrier
 #pragma omp single
         {
-            gelu_bf16(s->u, M * p->N[2]);
             prepare_activations(&g[3], s->u, DT_BF16, p->N[2]);
         }
         gemv_share(&g[3], s->part);
@@ -1173,6 +1181,7 @@ static PyObject *py_decode_layers(PyObject *self, PyObject *args)
         for (int i = 0; i < 4; i++) /* layer_plan checked every format and shape */
             gemv_init(&g[4 * l + i], p->fmt[i], DT_BF16, DT_BF16, M, p->N[i], p->K[i], p->w[i], p->scale[i],
                       p->code[i], p->bias[i], p->bdt[i], outs[i], xp, HAVE_BF16 ? xb : NULL);
+        g[4 * l + 2].gelu = 1;
     }
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel num_threads(nthreads)
