@@ -191,10 +191,11 @@ INLINE void decode4(__m512i line, int t, __m512 code, __m512 *even, __m512 *odd)
    2 rows (10-20 KB) gained another ~2 % (pools of 1 GiB per ABEJA 2.7B shape, GB/s from 2 rows to 1 KB:
    query_key_value 56.1 -> 57.5, attention.dense 54.4 -> 54.8, dense_h_to_4h 56.7 -> 57.2, dense_4h_to_h 57.2 ->
    59.0; 768 and 1536 bytes in between). 4-bit (dot4_one_row): 1 KB ahead on rows of up to 2 KB, 2 rows ahead on
-   longer ones, and the absmax stream as far ahead (an eighth of the bytes) once per group. Pools of 1 GiB per shape,
-   quiet host, GB/s from 2 rows ahead without the absmax prefetch: query_key_value 48.8 -> 52.3, attention.dense
-   44.6 -> 47.9, dense_h_to_4h 49.3 -> 51.6 (1280-byte rows: 512-1024 bytes ahead best, 1536 and more no gain), and
-   dense_4h_to_h 48.0 -> 49.9 (5120-byte rows, from the absmax prefetch; 0.5-1 KB ahead read 38-41, 2-7.5 KB as 2 rows).
+   longer ones, and once per group the absmax stream at the same point ahead (ahead / 8 bytes: it holds an eighth of
+   the weights' bytes). Pools of 1 GiB per shape, quiet host, GB/s from 2 rows ahead without the absmax prefetch:
+   query_key_value 48.8 -> 52.3, attention.dense 44.6 -> 47.9, dense_h_to_4h 49.3 -> 51.6 (1280-byte rows: 512-1024
+   bytes ahead best, 1536 and more no gain), dense_4h_to_h 48.0 -> 49.9 (5120-byte rows: from the absmax prefetch;
+   0.5-1 KB ahead read 38-41, 2-7.5 KB as 2 rows).
    int8, whose decoding costs most, stays on contiguous tiles (55 GB/s there, 51-52 strided with a prefetch 2
    or 3 rows ahead, 53-54 with dot4_one_row's out-of-line treatment). */
 
@@ -579,9 +580,9 @@ static int gemv_init(Gemv *g, int fmt, int ydt, int xdt, int64_t M, int64_t N, i
     return 1;
 }
 
-/* Inside a parallel region: this thread's rows of y (see split_rows). `part`: N x M floats shared by the team. */
 static void gelu_bf16(uint16_t *v, int64_t n);
 
+/* Inside a parallel region: this thread's rows of y (see split_rows). `part`: N x M floats shared by the team. */
 static void gemv_share(const Gemv *g, float *part)
 {
     int64_t n0, n1;
@@ -1069,7 +1070,8 @@ static void layer_finish(const Step *s, int64_t l, const uint16_t *xin, uint16_t
 }
 
 /* Inside a parallel region: layers 0..L-1 of one decode step, x -> y. Between the barriers one thread does the
-   small work (norms, GELU, residuals, activation copies) and the team shares the GEMVs and the attention. */
+   small work (norms, residuals, activation copies) and the team shares the GEMVs (dense_h_to_4h with its GELU) and
+   the attention. */
 static void layers_share(const Step *s, const uint16_t *x, uint16_t *y)
 {
     int64_t M = s->M, H = s->H;
@@ -1108,9 +1110,7 @@ static void layers_share(const Step *s, const uint16_t *x, uint16_t *y)
         gemv_share(&g[2], s->part);
 #pragma omp barrier
 #pragma omp single
-        {
-            prepare_activations(&g[3], s->u, DT_BF16, p->N[2]);
-        }
+        prepare_activations(&g[3], s->u, DT_BF16, p->N[2]); /* GELU is done: see Gemv.gelu */
         gemv_share(&g[3], s->part);
 #pragma omp barrier
     }
