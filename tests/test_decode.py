@@ -349,6 +349,45 @@ def test_decode_plans_follow_the_weights(tmp_path: Path, monkeypatch):
     torch.testing.assert_close(native, modules, rtol=0, atol=0.02 * float(modules.abs().max()))
 
 
+def test_generate_checks_decode_plans_once_per_call(tmp_path: Path, monkeypatch):
+    """generate() makes the layers' decode plans at its first decode step and reuses them unchecked
+    (KVCache.keep_plans): a streamer that swaps a weight in the middle of a call changes nothing in that call (the
+    kept plans hold the old storage alive, so nothing reads freed memory) and the next call decodes with the new
+    weight, exactly as a model given that weight from the start."""
+    _require_native()
+    japanese_reference(hidden_size=64).save_pretrained(tmp_path)
+    model = neoxja.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(7))
+    made = []
+    make = neoxja.modeling.Layer.decode_plan
+    monkeypatch.setattr(neoxja.modeling.Layer, "decode_plan", lambda layer: made.append(layer) or make(layer))
+    runs = _native_runs(monkeypatch)
+    before = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    layers = model.config.num_hidden_layers
+    assert runs == [layers] * 7 and len(made) == layers  # 7 native steps, plans checked at the first only
+
+    new_weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+
+    class Swap:  # put(): the prompt, then each new token; the 3rd call comes after the first native step
+        calls = 0
+
+        def put(self, tokens: torch.Tensor) -> None:
+            Swap.calls += 1
+            if Swap.calls == 3:
+                model.gpt_neox_japanese.layers[0].mlp.dense_4h_to_h.weight.data = new_weight.clone()
+
+        def end(self) -> None:
+            pass
+
+    during = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, streamer=Swap())
+    assert Swap.calls == 9 and torch.equal(during, before)
+    after = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    fresh = neoxja.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    fresh.gpt_neox_japanese.layers[0].mlp.dense_4h_to_h.weight.data = new_weight.clone()
+    assert torch.equal(after, fresh.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False))
+    assert not torch.equal(after, before)
+
+
 def test_decode_layers_refuse_tensors_they_cannot_read():
     _require_native()
     layer = Linear(64, 192, bias=False).bfloat16()

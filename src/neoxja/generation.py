@@ -193,7 +193,9 @@ def generate(model: Any, input_ids: Tensor | None = None, attention_mask: Tensor
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     from .modeling import KVCache
 
-    cache = KVCache(model.config.num_hidden_layers, capacity=max_length) if config.use_cache else None
+    # keep_plans: the layers' native decode plans are checked once per call (changes a streamer or a logits
+    # processor makes to the model's weights or hooks apply from the next call)
+    cache = KVCache(model.config.num_hidden_layers, capacity=max_length, keep_plans=True) if config.use_cache else None
     step_ids, step_positions = sequences, positions
     eos_tensor = torch.tensor(eos_ids, device=device)
     all_scores: list[Tensor] = []

@@ -80,12 +80,17 @@ class KVCache:
     """Keys (after RoPE) and values of every layer, in buffers allocated once and grown by doubling, so a decode
     step writes one position instead of concatenating the whole history."""
 
-    def __init__(self, num_layers: int, capacity: int = 0) -> None:
+    def __init__(self, num_layers: int, capacity: int = 0, keep_plans: bool = False) -> None:
         self.num_layers = num_layers
         self.capacity = capacity
         self.keys: list[Tensor | None] = [None] * num_layers
         self.values: list[Tensor | None] = [None] * num_layers
         self.lengths = [0] * num_layers
+        # keep_plans (generate's cache): the first native decode step's layer plans serve every later step of this
+        # cache, unchecked (checking them costs ~40 us per layer and token, whose weights streaming through have
+        # evicted the modules from the caches), with the storages they point at, which they keep alive.
+        self.keep_plans = keep_plans
+        self.plans: tuple[list[nn.Module], list[bytes | None], list[Any]] | None = None
 
     def get_seq_length(self, layer: int = 0) -> int:
         return self.lengths[layer]
@@ -442,10 +447,15 @@ class Layer(nn.Module):
         if mods is None or any(m._forward_hooks or m._forward_pre_hooks for m in mods):
             return None
         attention, mlp, norm1, norm2 = mods[1:5]
-        tensors = [t for m in mods[1:] for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
+        tensors = _plan_tensors(mods)
         return (tuple(map(id, mods)), mlp.act, self.parallel, attention.num_heads, attention.scale,
                 getattr(norm1, "eps", None), getattr(norm2, "eps", None),
                 tuple((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors))
+
+    def plan_storages(self) -> list[Any]:
+        """The storages of the tensors this layer's decode plan points at (see KVCache.keep_plans)."""
+        mods = self._plan_modules()
+        return [] if mods is None else [t.untyped_storage() for t in _plan_tensors(mods)]
 
     def _make_plan(self) -> bytes | None:
         attention, mlp = self.attention, self.mlp
@@ -456,6 +466,11 @@ class Layer(nn.Module):
         specs = [getattr(layer, "gemv_spec", lambda: None)() for layer in layers]
         return kernels.layer_plan(specs, tuple((norm.weight, norm.bias, norm.eps) for norm in norms),
                                   attention.dense_bias, self.parallel, attention.num_heads, attention.scale)
+
+
+def _plan_tensors(mods: tuple[nn.Module, ...]) -> list[Tensor]:
+    """The parameters and buffers of a layer's plan modules (Layer._plan_modules) but the layer itself."""
+    return [t for m in mods[1:] for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
 
 
 def _global_hooks() -> bool:
@@ -614,9 +629,10 @@ class NeoXModel(PreTrainedModel):
     def _decode_plans(self, layers: list[nn.Module], x: Tensor, cache: KVCache | None,
                       head_masks: list[Tensor | None],
                       output_attentions: bool) -> tuple[list[bytes | None], list[tuple[Tensor, Tensor]]]:
-        """Per layer its decode plan (Layer.decode_plan) when this step can run natively (kernels.decode_layers: one
-        new token per sequence, bf16, no gradients, nothing asked of the layers but their output), else None; and
-        every layer's KV cache buffers, made room in for the new token."""
+        """Per layer its decode plan (Layer.decode_plan, or the plans the cache keeps: KVCache.keep_plans) when this
+        step can run natively (kernels.decode_layers: one new token per sequence, bf16, no gradients, nothing asked
+        of the layers but their output), else None; and every layer's KV cache buffers, made room in for the new
+        token."""
         config, none = self.config, [None] * len(layers)
         if (cache is None or output_attentions or self.training or any(h is not None for h in head_masks)
                 or not kernels.decode_ready(x, config.num_attention_heads) or _global_hooks()
@@ -626,7 +642,14 @@ class NeoXModel(PreTrainedModel):
         caches = [cache.reserve(i, 1, x, (x.shape[0], count), dim, dim) for i in range(len(layers))]
         if not kernels.cache_suits(*caches[0], x.dtype):  # e.g. a legacy cache in another dtype: the modules take it
             return none, []  # (kernels.decode_layers checks every layer's buffers before it reads them)
-        return [layer.decode_plan() if isinstance(layer, Layer) else None for layer in layers], caches
+        kept = cache.plans
+        if kept is not None and len(kept[0]) == len(layers) and all(a is b for a, b in zip(kept[0], layers)):
+            return kept[1], caches
+        plans = [layer.decode_plan() if isinstance(layer, Layer) else None for layer in layers]
+        if cache.keep_plans:
+            storages = [layer.plan_storages() for layer, plan in zip(layers, plans) if plan is not None]
+            cache.plans = (list(layers), plans, storages)
+        return plans, caches
 
     def _embed(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
         if (input_ids is None) == (inputs_embeds is None):
