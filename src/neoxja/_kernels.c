@@ -70,12 +70,15 @@ INLINE __m256i f32x16_to_bf16(__m512 v)
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
 }
 
+INLINE __m512 bf16x16_to_f32(__m256i v)
+{
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
 /* 16 fp32 or bf16 values as fp32 (exact) */
 INLINE __m512 load16(const void *src, int64_t off, int dt)
 {
-    if (dt == DT_BF16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)src + off))), 16));
+    if (dt == DT_BF16) return bf16x16_to_f32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)src + off)));
     return _mm512_loadu_ps((const float *)src + off);
 }
 
@@ -757,9 +760,7 @@ static PyObject *py_quantize_4bit(PyObject *self, PyObject *args)
 /* up to 16 fp32 or bf16 values (mask `m` selects lanes; the rest read as 0) as fp32 */
 INLINE __m512 load16_masked(const void *src, int64_t off, int dt, __mmask16 m)
 {
-    if (dt == DT_BF16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)src + off)), 16));
+    if (dt == DT_BF16) return bf16x16_to_f32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)src + off));
     return _mm512_maskz_loadu_ps(m, (const float *)src + off);
 }
 
@@ -858,7 +859,7 @@ static void decode_one(const void *qkv, int dt, const void *cos, const void *sin
         qi = _mm512_mask_mov_ps(qi, low | high, _mm512_add_ps(_mm512_mul_ps(qi, c), _mm512_mul_ps(qj, sn)));
         ki = _mm512_mask_mov_ps(ki, low | high, _mm512_add_ps(_mm512_mul_ps(ki, c), _mm512_mul_ps(kj, sn)));
         if (dt == DT_BF16) /* the query as a separate rotary would store it */
-            qi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(f32x16_to_bf16(qi)), 16));
+            qi = bf16x16_to_f32(f32x16_to_bf16(qi));
         _mm512_storeu_ps(q + i0, qi);
         store16_masked(kc, pos * st + i0, dt, ki, live);
         store16_masked(vc, pos * st + i0, dt, load16_masked(qkv, 2 * D + i0, dt, live), live);
