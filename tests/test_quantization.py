@@ -331,6 +331,30 @@ def test_batch1_gemv_over_row_counts_and_threads(native: bool):
         torch.set_num_threads(threads)
 
 
+def test_batch1_gemv_is_the_same_on_any_thread_count():
+    """At batch 1 threads done with their own rows take the rest of others' (see "splitting a GEMV's rows" in
+    _kernels.c): which thread computes a row must not change it, and no row may be missed or summed twice. More
+    threads than cores make the hand-overs frequent."""
+    if not kernels.HAVE_NATIVE:
+        pytest.fail("neoxja._kernels is not built: see test_native_kernels_are_built")
+    threads = torch.get_num_threads()
+    try:
+        lin = _linear(1003, 2560, bias=True, seed=5)
+        w, b = lin.weight.detach().bfloat16(), lin.bias.detach().bfloat16()
+        layers = {kind: make(lin) for kind, make in LAYERS.items()}
+        x = torch.randn(1, 2560)
+        outputs: dict[int, list[torch.Tensor]] = {}
+        for count in (1, 2, 5, 7):
+            torch.set_num_threads(count)
+            outputs[count] = [kernels.linear_bf16(x.bfloat16(), w, b)] + [layer(x) for layer in layers.values()]
+        for count in (2, 5, 7):
+            for single, many in zip(outputs[1], outputs[count]):
+                assert torch.equal(single, many), f"{count} threads"
+        _check_close(outputs[1][0], F.linear(x.bfloat16().double(), w.double(), b.double()))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_linear_bf16(native: bool):
     lin = _linear(96, 320)
     w, b = lin.weight.detach().bfloat16(), lin.bias.detach().bfloat16()
