@@ -464,6 +464,12 @@ INLINE int64_t row_bytes(const Gemv *g, int fmt)
     return fmt == FMT_BF16 ? 2 * g->K : fmt == FMT_INT8 ? g->K : g->K / 2;
 }
 
+/* How far ahead a batch-1 strided stream prefetches (see STREAMS), for rows of `row` bytes */
+INLINE int64_t stream_ahead(int fmt, int64_t row)
+{
+    return fmt == FMT_BF16 || row <= 2048 ? 1024 : 2 * row;
+}
+
 /* The bf16 path's vpermw table: the code book rounded to bf16, twice (zeros for other formats). */
 INLINE __m512i code_table_bf16(const Gemv *g, int fmt)
 {
@@ -486,7 +492,7 @@ INLINE void gemv_rows(const Gemv *g, int fmt, int R, int M, int64_t n0, int64_t 
     memset(part, 0, (size_t)((n1 - n0) * M) * sizeof(float));
     int64_t row = row_bytes(g, fmt);
     if (M == 1 && fmt != FMT_INT8) { /* see STREAMS for the prefetch distances */
-        int64_t run = (n1 - n0) / R, n = n0 + R * run, ahead = fmt == FMT_BF16 || row <= 2048 ? 1024 : 2 * row;
+        int64_t run = (n1 - n0) / R, n = n0 + R * run, ahead = stream_ahead(fmt, row);
         for (int64_t i = 0; i < run; i++) tile(g, fmt, R, M, n0 + i, run, ahead, 0, g->K, code, codebf, part + i);
         for (; n < n1; n++) tile(g, fmt, 1, M, n, 1, ahead, 0, g->K, code, codebf, part + (n - n0));
     } else
@@ -550,15 +556,22 @@ typedef struct {
 /* Rows per tile of a batch-1 GEMV */
 INLINE int tile_rows_m1(int fmt) { return fmt == FMT_4BIT ? ROWS_4BIT(1) : ROWS_32(1); }
 
+/* Thread t of T: rows [n0, n1), an even share of N in whole 8-row tiles */
+static void even_rows(int64_t N, int64_t t, int64_t T, int64_t *n0, int64_t *n1)
+{
+    int64_t tiles = (N + 7) / 8;
+    *n0 = tiles * t / T * 8;
+    *n1 = t == T - 1 ? N : tiles * (t + 1) / T * 8;
+}
+
 static void split_plan(Split *s, const Gemv *g, int T)
 {
-    int64_t tiles = (g->N + 7) / 8, used = T < MAX_SPLIT ? T : MAX_SPLIT;
+    int64_t used = T < MAX_SPLIT ? T : MAX_SPLIT;
     s->T = T;
     s->steal = g->M == 1;
     for (int64_t t = 0; t < used; t++) {
         Slot *slot = &s->slot[t];
-        slot->n0 = tiles * t / used * 8;
-        slot->n1 = t == used - 1 ? g->N : tiles * (t + 1) / used * 8;
+        even_rows(g->N, t, used, &slot->n0, &slot->n1);
         slot->items = (slot->n1 - slot->n0) / tile_rows_m1(g->fmt);
         slot->claim = (uint64_t)slot->items << 32;
         slot->ready = 0;
@@ -669,8 +682,7 @@ INLINE void run_items(const Gemv *g, int fmt, const Slot *slot, int64_t i0, int6
             tile(g, fmt, R, 1, n, 1, R * row, 0, g->K, code, codebf, part + n);
     else
         for (int64_t i = i0; i < i1; i++)
-            tile(g, fmt, R, 1, n0 + i, slot->items, fmt == FMT_BF16 || row <= 2048 ? 1024 : 2 * row, 0, g->K, code,
-                 codebf, part + n0 + i);
+            tile(g, fmt, R, 1, n0 + i, slot->items, stream_ahead(fmt, row), 0, g->K, code, codebf, part + n0 + i);
 }
 
 /* The rows of items [i0, i1) of a batch-1 run from their sums: scale, bias, store, GELU. */
@@ -725,7 +737,8 @@ static void gemv_share(const Gemv *g, float *part, Split *split)
 {
     int t = omp_get_thread_num(), T = omp_get_num_threads();
     if (T != split->T) { /* a team smaller than asked for (nested or limited parallelism): even tiles */
-        int64_t tiles = (g->N + 7) / 8, n0 = tiles * t / T * 8, n1 = t == T - 1 ? g->N : tiles * (t + 1) / T * 8;
+        int64_t n0, n1;
+        even_rows(g->N, t, T, &n0, &n1);
         if (n1 > n0) {
             gemv_range(g, n0, n1, part + n0 * g->M);
             gelu_rows(g, n0, n1);
