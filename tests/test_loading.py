@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -280,3 +281,63 @@ def test_quantized_checkpoint_round_trip(tmp_path, japanese_checkpoint, settings
     assert "quantization_config" in json.loads((tmp_path / "config.json").read_text())
     again = neoxja.AutoModelForCausalLM.from_pretrained(tmp_path)  # pre-quantized: no quantization_config needed
     assert torch.equal(logits(again), logits(model))
+
+
+def quantized_modules(model) -> set[str]:
+    return {name for name, module in model.named_modules() if type(module).__name__ in (
+        "Linear4bit", "Int8Linear", "Linear8bitLt")}
+
+
+SKIP_LISTS = [None, [], ["embed_out"], ["gpt_neox.layers.1", "gpt_neox_japanese.layers.1"], ["dense_4h_to_h"],
+              [r"gpt_neox(_japanese)?\.layers\.\d+\.attention"], ["layers.1"], ["gpt_neox.layers.1.mlp"], ["h_to_4h"],
+              ["lm_head"]]
+
+
+@pytest.mark.parametrize("family", ["japanese", "neox"])
+def test_skip_modules_pick_what_transformers_picks(request, family):
+    """llm_int8_skip_modules as transformers 5 reads it: None keeps the head in float; a list replaces that default
+    (so [] quantizes the head too); entries match from the name's start up to a module boundary, as regular
+    expressions, or as plain suffixes."""
+    path = request.getfixturevalue(f"{family}_checkpoint")
+    transformers.logging.set_verbosity_error()
+    head = "embed_out" if family == "japanese" else "lm_head"  # the head's name in the reference's model
+    for skip in SKIP_LISTS:
+        # neoxja's head answers to both names (embed_out, lm_head); the reference's only to its own
+        their_skip = None if skip is None else [head if s in ("embed_out", "lm_head") else s for s in skip]
+        for kind in [dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"), dict(load_in_8bit=True)]:
+            ours = neoxja.AutoModelForCausalLM.from_pretrained(
+                path, quantization_config=neoxja.BitsAndBytesConfig(llm_int8_skip_modules=skip, **kind))
+            theirs = transformers.AutoModelForCausalLM.from_pretrained(
+                path, device_map="cpu",
+                quantization_config=transformers.BitsAndBytesConfig(llm_int8_skip_modules=their_skip, **kind))
+            expected = {name.replace("lm_head", "embed_out") for name in quantized_modules(theirs)}
+            assert quantized_modules(ours) == expected, (skip, kind)
+            assert len(expected) > 0
+    with pytest.raises(ConfigError, match=r"llm_int8_skip_modules entry '\(' is not a valid regular expression"):
+        neoxja.BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["("])
+
+
+@pytest.mark.parametrize("settings", [dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+                                      dict(load_in_8bit=True)], ids=["nf4-double", "int8"])
+@pytest.mark.parametrize("family", ["japanese", "neox"])
+def test_quantized_head_saves_loads_and_decodes(request, tmp_path, family, settings):
+    """llm_int8_skip_modules=[] quantizes the head too; the ABEJA model's tied head gets its own quantized copy while
+    the input embedding stays in float."""
+    path = request.getfixturevalue(f"{family}_checkpoint")
+    plain = neoxja.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = neoxja.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=neoxja.BitsAndBytesConfig(llm_int8_skip_modules=[], **settings))
+    assert "embed_out" in quantized_modules(model) and not model.heads_tied
+    assert torch.equal(model.get_input_embeddings().weight, plain.get_input_embeddings().weight)
+    head = model.embed_out.dequantize().float()
+    reference = plain.embed_out.weight
+    assert head.shape == reference.shape and 0 < (head - reference).abs().max() <= reference.abs().max() / 4
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "embed_out differs from embed_in" warning: a quantized head is its own
+        again = neoxja.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert "embed_out" in quantized_modules(again)
+    assert torch.equal(logits(again), logits(model))
+    ids = IDS[:, :3]
+    assert torch.equal(again.generate(ids, max_new_tokens=6, do_sample=False),
+                       model.generate(ids, max_new_tokens=6, do_sample=False))

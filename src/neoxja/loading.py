@@ -309,7 +309,9 @@ def fill_weights(model: PreTrainedModel, weights: WeightSource, dtype: torch.dty
     head_key = "embed_out.weight"
     embed_key = f"{model.base_model_prefix}.embed_in.weight" if is_lm else "embed_in.weight"
     untie = False
-    if is_lm and model.config.tie_word_embeddings:
+    # a quantized head (llm_int8_skip_modules without it) has its own tensors: it cannot share embed_in's
+    tied = is_lm and model.config.tie_word_embeddings and isinstance(model.embed_out, torch.nn.Linear)
+    if tied:
         untie = _head_differs(weights, mapping, head_key, embed_key)
         if head_key not in mapping and embed_key in mapping:
             wanted.pop(head_key, None)
@@ -350,7 +352,7 @@ def fill_weights(model: PreTrainedModel, weights: WeightSource, dtype: torch.dty
                                   f"{expected.dtype}")
         state[key] = tensor
     model.load_state_dict(state, strict=False, assign=True)
-    if is_lm and model.config.tie_word_embeddings:
+    if tied:
         if untie:
             warnings.warn(f"{name}: embed_out.weight differs from embed_in.weight, so the head is NOT tied: "
                           f"the checkpoint's embed_out is used as the output head (as transformers 5.x does; "
@@ -374,10 +376,10 @@ def map_checkpoint_keys(model: PreTrainedModel, keys: list[str]) -> dict[str, st
         target = key
         if key == "lm_head.weight":  # the reference's in-memory name for embed_out
             target = "embed_out.weight"
-        if is_lm and not target.startswith(prefix + ".") and target != "embed_out.weight":
+        if is_lm and not target.startswith((prefix + ".", "embed_out.")):  # embed_out.*: a quantized head's too
             target = f"{prefix}.{target}"
         elif not is_lm:
-            if target in ("embed_out.weight",):
+            if target.startswith("embed_out."):
                 continue  # the bare model has no head
             if target.startswith(prefix + "."):
                 target = target[len(prefix) + 1:]

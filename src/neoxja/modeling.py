@@ -746,7 +746,8 @@ class NeoXForCausalLM(PreTrainedModel):
 
     @property
     def heads_tied(self) -> bool:
-        return self.embed_out.weight is self.model.embed_in.weight
+        head = self.embed_out  # a quantized head (Int8Linear, Linear4bit) has its own tensors
+        return isinstance(head, nn.Linear) and head.weight is self.model.embed_in.weight
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_in

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 from functools import lru_cache
 from typing import Any, Iterable
@@ -523,6 +524,8 @@ class BitsAndBytesConfig:
                 isinstance(llm_int8_skip_modules, str)
                 or not all(isinstance(m, str) for m in llm_int8_skip_modules)):
             raise ConfigError(f"llm_int8_skip_modules must be a list of module names, got {llm_int8_skip_modules!r}")
+        for entry in llm_int8_skip_modules or ():
+            _skip_pattern(entry)
         if llm_int8_has_fp16_weight:
             raise ConfigError("llm_int8_has_fp16_weight=True (fp16 master weights for training) is not supported; "
                               "neoxja keeps only the int8 weights")
@@ -588,10 +591,26 @@ def _as_config(config: BitsAndBytesConfig | dict[str, Any]) -> BitsAndBytesConfi
 # Replacing a model's linear layers
 
 
+@lru_cache(maxsize=256)
+def _skip_pattern(entry: str) -> re.Pattern:
+    try:
+        return re.compile(entry)
+    except re.error as e:
+        raise ConfigError(f"llm_int8_skip_modules entry {entry!r} is not a valid regular expression: {e}") from None
+
+
 def _skipped(name: str, skip: Iterable[str]) -> bool:
-    """A name is skipped when an entry equals it, or is a dotted prefix or suffix of it ("embed_out" skips
-    "embed_out"; "gpt_neox.layers.0" skips that whole layer), as transformers matches modules_to_not_convert."""
-    return any(name == s or name.startswith(s + ".") or name.endswith("." + s) for s in skip)
+    """transformers 5's rule for modules_to_not_convert. An entry skips a module when it is a plain suffix of the
+    module's name ("dense_4h_to_h" skips every layer's), or when, read as a regular expression, it matches the
+    name's start up to a module boundary: "gpt_neox.layers.1" skips layer 1 and not layer 11, "gpt_neox.layers.*"
+    skips them all, and "layers.1" nothing (names start with the body's prefix)."""
+    ends = [i for i, c in enumerate(name) if c == "."]
+    boundaries = sorted(set(ends) | {i + 1 for i in ends} | {len(name)})  # just before or just after a dot, or the end
+    for entry in skip:
+        pattern = _skip_pattern(entry)
+        if name.endswith(entry) or any(pattern.fullmatch(name, 0, end) for end in boundaries):
+            return True
+    return False
 
 
 def default_skip_modules(model: nn.Module) -> set[str]:
@@ -603,11 +622,26 @@ def default_skip_modules(model: nn.Module) -> set[str]:
     return names
 
 
+def kept_in_float(model: nn.Module, config: BitsAndBytesConfig) -> set[str]:
+    """The modules from_pretrained leaves in float, as transformers picks them: default_skip_modules when
+    llm_int8_skip_modules is None; a list given replaces those defaults (so [] quantizes the head too)."""
+    if config.llm_int8_skip_modules is None:
+        return default_skip_modules(model)
+    return set(config.llm_int8_skip_modules)
+
+
 def _replace_linears(model: nn.Module, config: BitsAndBytesConfig, skip_modules: Iterable[str],
                      make) -> None:
     skip = set(skip_modules) | set(config.llm_int8_skip_modules or ())
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+    def names(name: str, module: nn.Module) -> tuple[str, ...]:
+        # the head answers to both names it goes by: transformers 5 calls rinna's (gpt_neox) head lm_head, the
+        # ABEJA model's and every checkpoint's is embed_out
+        return (name, "lm_head") if module is head else (name,)
+
     targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and not _skipped(name, skip)]
+               if isinstance(module, nn.Linear) and not any(_skipped(n, skip) for n in names(name, module))]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, make(linear))
@@ -643,10 +677,10 @@ def quantized_state_keys(model: nn.Module) -> set[str]:
 
 
 def quantize_loaded_model(model: nn.Module, quantization_config: BitsAndBytesConfig | dict[str, Any]) -> None:
-    """Quantize-at-load: `model` has its float weights. Quantizes all linear layers but the defaults of
-    default_skip_modules, and records the config in model.config (config.json's "quantization_config")."""
+    """Quantize-at-load: `model` has its float weights. Quantizes all linear layers but those kept_in_float picks,
+    and records the config in model.config (config.json's "quantization_config")."""
     config = _as_config(quantization_config)
-    quantize_model(model, config, default_skip_modules(model))
+    quantize_model(model, config, kept_in_float(model, config))
     _record(model, config)
 
 
@@ -677,7 +711,7 @@ def prepare_quantized_model(model: nn.Module, saved_quantization: dict[str, Any]
         return Linear4bit(linear.in_features, linear.out_features, bias, saved.bnb_4bit_quant_type,
                           saved.bnb_4bit_use_double_quant, dtype)
 
-    _replace_linears(model, saved, default_skip_modules(model), make)
+    _replace_linears(model, saved, kept_in_float(model, saved), make)
     _record(model, saved)
 
 
