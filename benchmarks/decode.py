@@ -1,6 +1,8 @@
 """Batch-1 greedy decoding speed on CPU against the memory-bandwidth limit, for the reference (transformers, bf16) and
-neoxja (bf16, int8, nf4), measured in ONE run on a checkpoint with the ABEJA 2.7B model's width (hidden 2560,
-32 heads, vocab 32000; fewer layers than 32 keep it quick).
+neoxja (bf16, int8, nf4; and nf4+head: nf4 with llm_int8_skip_modules=[], so that the head is nf4 too where
+bitsandbytes' default keeps it bf16, as llama.cpp's Q4_0 quantizes its output matrix), measured in ONE run on a
+checkpoint with the ABEJA 2.7B model's width (hidden 2560, 32 heads, vocab 32000; fewer layers than 32 keep it
+quick).
 
     python benchmarks/decode.py                   # 8 layers
     python benchmarks/decode.py --layers 32       # the full 2.7B model (5.4 GB checkpoint in a temp dir)
@@ -21,8 +23,8 @@ host then does not hit one engine only); each figure is the best of its --reps t
   nf4 >= 2.5), against the best probe of the whole run: the strictest reading, since an engine timed in a busy spell
   is judged against bandwidth it never had;
 - bf16 limit then: the same fraction against the bandwidth of the moment: each decode timing sits between two
-  probes in its own process (reading the model's bf16 head, 164 MB, through neoxja's GEMV, best of 3; the faster
-  probe counts) and the best timing-to-probe ratio is kept. Where a kernel keeps up with memory this stays put when
+  probes in its own process (reading the model's bf16 input embedding, the head's shape, 164 MB, through neoxja's
+  GEMV, best of 3; the faster probe counts) and the best timing-to-probe ratio is kept. Where a kernel keeps up with memory this stays put when
   the host's bandwidth moves; where it is compute-bound it rises in busy spells;
 - prefill tok/s: one forward pass over a 512-token prompt; TTFT: generate(max_new_tokens=1) on that prompt;
 - batch-8 tok/s: greedy decoding of 8 prompts at once, new tokens of all rows per second;
@@ -69,19 +71,21 @@ def load():
     kwargs = {"dtype": torch.bfloat16}
     if fmt == "int8":
         kwargs["quantization_config"] = lib.BitsAndBytesConfig(load_in_8bit=True)
-    elif fmt == "nf4":
-        kwargs["quantization_config"] = lib.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                               bnb_4bit_compute_dtype=torch.bfloat16)
+    elif fmt in ("nf4", "nf4+head"):  # nf4+head: llm_int8_skip_modules=[] quantizes the head too
+        kwargs["quantization_config"] = lib.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=[] if fmt == "nf4+head" else None)
     return lib.AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
 
 def bytes_per_token(model):
     # every tensor the forward pass reads in full: all parameters and buffers but the input embedding (one row),
-    # unless it is also the head
-    head = model.get_output_embeddings().weight
+    # unless it is also the head (a quantized head has tensors of its own)
+    head = model.get_output_embeddings()
     embed = model.get_input_embeddings().weight
+    tied = getattr(head, "weight", None) is embed
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen or (t is embed and t is not head):
+        if t.data_ptr() in seen or (t is embed and not tied):
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
@@ -116,7 +120,7 @@ def decode_rate(model, ids, n):  # new tokens per second after the first: no pre
     assert len(clock.times) == n + 2, len(clock.times)
     return n / (last - first)
 
-def probe_head(head):  # GB/s of reading the head's weights (bf16, 164 MB) through neoxja's GEMV, best of 3
+def probe_head(head):  # GB/s of reading the head's shape in bf16 (164 MB) through neoxja's GEMV, best of 3
     from neoxja import kernels
     x, best = torch.ones(1, head.shape[1], dtype=torch.bfloat16), float("inf")
     for _ in range(3):
@@ -124,7 +128,7 @@ def probe_head(head):  # GB/s of reading the head's weights (bf16, 164 MB) throu
     return head.numel() * head.element_size() / best / 1e9
 
 model = load()
-head = model.get_output_embeddings().weight.detach().to(torch.bfloat16)
+head = model.get_input_embeddings().weight.detach().to(torch.bfloat16)  # bf16 in every engine, the head's shape
 decode, local = [], []
 with torch.no_grad():
     generate(model, prompt, 2)  # warm-up: kernels' one-time set-up
@@ -149,7 +153,7 @@ print(json.dumps({
 }))
 """
 
-RUNS = [("transformers", "bf16"), ("neoxja", "bf16"), ("neoxja", "int8"), ("neoxja", "nf4")]
+RUNS = [("transformers", "bf16"), ("neoxja", "bf16"), ("neoxja", "int8"), ("neoxja", "nf4"), ("neoxja", "nf4+head")]
 
 
 def read_bandwidth(threads: int, reps: int = 5) -> float:

@@ -165,9 +165,11 @@ def test_quantization_barely_changes_demo_model_perplexity(tmp_path: Path):
     base = ppl(None)
     int8 = ppl(neoxja.BitsAndBytesConfig(load_in_8bit=True))
     nf4 = ppl(neoxja.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+    nf4_head = ppl(neoxja.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=[]))
     assert 20 < base < 1000  # a trained model: far below the unigram baseline (~970), far above 1
     assert abs(int8 / base - 1) < 0.01, (base, int8)
     assert abs(nf4 / base - 1) < 0.05, (base, nf4)
+    assert nf4_head != nf4 and abs(nf4_head / base - 1) < 0.05, (base, nf4_head)  # the head in nf4 as well
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
