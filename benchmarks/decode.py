@@ -1,8 +1,8 @@
 """Batch-1 greedy decoding speed on CPU against the memory-bandwidth limit, for the reference (transformers, bf16) and
-neoxja (bf16, int8, nf4; and nf4+head: nf4 with llm_int8_skip_modules=[], so that the head is nf4 too where
-bitsandbytes' default keeps it bf16, as llama.cpp's Q4_0 quantizes its output matrix), measured in ONE run on a
-checkpoint with the ABEJA 2.7B model's width (hidden 2560, 32 heads, vocab 32000; fewer layers than 32 keep it
-quick).
+neoxja (bf16, int8, nf4; and int8+head, nf4+head: with llm_int8_skip_modules=[], so that the head is quantized too
+where bitsandbytes' default keeps it bf16, as llama.cpp's Q8_0 and Q4_0 quantize their output matrix), measured in
+ONE run on a checkpoint with the ABEJA 2.7B model's width (hidden 2560, 32 heads, vocab 32000; fewer layers than 32
+keep it quick).
 
     python benchmarks/decode.py                   # 8 layers
     python benchmarks/decode.py --layers 32       # the full 2.7B model (5.4 GB checkpoint in a temp dir)
@@ -69,12 +69,13 @@ def load():
         import transformers as lib
         lib.logging.set_verbosity_error()
     kwargs = {"dtype": torch.bfloat16}
-    if fmt == "int8":
-        kwargs["quantization_config"] = lib.BitsAndBytesConfig(load_in_8bit=True)
-    elif fmt in ("nf4", "nf4+head"):  # nf4+head: llm_int8_skip_modules=[] quantizes the head too
-        kwargs["quantization_config"] = lib.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-            llm_int8_skip_modules=[] if fmt == "nf4+head" else None)
+    skip = [] if fmt.endswith("+head") else None  # llm_int8_skip_modules=[]: the head is quantized too
+    if fmt.startswith("int8"):
+        kwargs["quantization_config"] = lib.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    elif fmt.startswith("nf4"):
+        kwargs["quantization_config"] = lib.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                               bnb_4bit_compute_dtype=torch.bfloat16,
+                                                               llm_int8_skip_modules=skip)
     return lib.AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
 
 def bytes_per_token(model):
@@ -153,7 +154,8 @@ print(json.dumps({
 }))
 """
 
-RUNS = [("transformers", "bf16"), ("neoxja", "bf16"), ("neoxja", "int8"), ("neoxja", "nf4"), ("neoxja", "nf4+head")]
+RUNS = [("transformers", "bf16"), ("neoxja", "bf16"), ("neoxja", "int8"), ("neoxja", "int8+head"), ("neoxja", "nf4"),
+        ("neoxja", "nf4+head")]
 
 
 def read_bandwidth(threads: int, reps: int = 5) -> float:
