@@ -24,8 +24,8 @@ host then does not hit one engine only); each figure is the best of its --reps t
   is judged against bandwidth it never had;
 - bf16 limit then: the same fraction against the bandwidth of the moment: each decode timing sits between two
   probes in its own process (reading the model's bf16 input embedding, the head's shape, 164 MB, through neoxja's
-  GEMV, best of 3; the faster probe counts) and the best timing-to-probe ratio is kept. Where a kernel keeps up with memory this stays put when
-  the host's bandwidth moves; where it is compute-bound it rises in busy spells;
+  GEMV, best of 3; the faster probe counts) and the best timing-to-probe ratio is kept. Where a kernel keeps up
+  with memory this stays put when the host's bandwidth moves; where it is compute-bound it rises in busy spells;
 - prefill tok/s: one forward pass over a 512-token prompt; TTFT: generate(max_new_tokens=1) on that prompt;
 - batch-8 tok/s: greedy decoding of 8 prompts at once, new tokens of all rows per second;
 - peak RSS: the process's peak resident memory (GB).

@@ -317,8 +317,9 @@ def test_skip_modules_pick_what_transformers_picks(request, family):
         neoxja.BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["("])
 
 
-@pytest.mark.parametrize("settings", [dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
-                                      dict(load_in_8bit=True)], ids=["nf4-double", "int8"])
+@pytest.mark.parametrize("settings", [dict(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_use_double_quant=True), dict(load_in_8bit=True)],
+                         ids=["nf4-double", "int8"])
 @pytest.mark.parametrize("family", ["japanese", "neox"])
 def test_quantized_head_saves_loads_and_decodes(request, tmp_path, family, settings):
     """llm_int8_skip_modules=[] quantizes the head too; the ABEJA model's tied head gets its own quantized copy while
