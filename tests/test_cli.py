@@ -100,7 +100,7 @@ def test_progress_bar_on_a_terminal(monkeypatch, capsys, abeja_checkpoint):  # n
     assert "Loading weights" not in run_main(monkeypatch, capsys, args + ["--quiet"])[2]
 
 
-@pytest.mark.parametrize("kind", ["int8", "nf4"])
+@pytest.mark.parametrize("kind", ["int8", "nf4", "int8+head"])
 def test_quantize(monkeypatch, capsys, abeja_checkpoint, kind):  # noqa: F811
     args = ["generate", PROMPT, "-m", str(abeja_checkpoint), "--quantize", kind, "--greedy", "--max-new-tokens", "2"]
     code, out, err = run_main(monkeypatch, capsys, args)

@@ -477,7 +477,7 @@ def test_cli_errors_are_one_line(capsys):
     assert err.startswith("neoxja serve: error: cannot listen on 127.0.0.1:") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("kind, layer", [("int8", "Int8Linear"), ("nf4", "Linear4bit")])
+@pytest.mark.parametrize("kind, layer", [("int8", "Int8Linear"), ("nf4", "Linear4bit"), ("nf4+head", "Linear4bit")])
 def test_serve_command_loads_quantized_models(monkeypatch, abeja_checkpoint, kind, layer):  # noqa: F811
     """The command's wiring, in-process: uvicorn's run is replaced by one request through the app."""
     seen = {}
@@ -488,6 +488,7 @@ def test_serve_command_loads_quantized_models(monkeypatch, abeja_checkpoint, kin
             seen["answer"] = http.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 3},
                                        headers={"Authorization": f"Bearer {KEY}"})
         seen["layer"] = type(app.state.engine.model.model.layers[0].mlp.dense_h_to_4h).__name__
+        seen["head"] = type(app.state.engine.model.embed_out).__name__
         sockets[0].close()
 
     monkeypatch.setattr(uvicorn.Server, "run", run)
@@ -496,6 +497,7 @@ def test_serve_command_loads_quantized_models(monkeypatch, abeja_checkpoint, kin
     assert seen["answer"].status_code == 200, seen["answer"].text
     assert seen["answer"].json()["usage"]["completion_tokens"] <= 3
     assert seen["layer"] == layer
+    assert seen["head"] == (layer if kind.endswith("+head") else "Linear")  # bitsandbytes' default: a float head
 
 
 def test_help_lists_the_flags(capsys):

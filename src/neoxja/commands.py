@@ -80,7 +80,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
                                         "falls back to the CPU with a warning (default: cpu)")
     model.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weight dtype (default: the checkpoint's)")
-    model.add_argument("--quantize", choices=["int8", "nf4"], help="quantize the weights while loading")
+    model.add_argument("--quantize", choices=["int8", "nf4", "int8+head", "nf4+head"],
+                       help="quantize the weights while loading; +head: the output head too (llm_int8_skip_modules=[]; "
+                            "by default it stays in float, as with bitsandbytes)")
     model.add_argument("--revision", help="hub revision (branch, tag or commit)")
     model.add_argument("--quiet", "-q", action="store_true", help="no progress bars (shown on a terminal while the "
                                                                   "model downloads or loads)")
@@ -133,9 +135,11 @@ def _quantization_config(kind: str) -> Any:
         from .quantization import BitsAndBytesConfig
     except ModuleNotFoundError:
         raise InputError("--quantize needs neoxja.quantization, which this installation lacks") from None
-    if kind == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    skip = [] if kind.endswith("+head") else None
+    if kind.startswith("int8"):
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              llm_int8_skip_modules=skip)
 
 
 def _stdin(what: str) -> TextIO:
