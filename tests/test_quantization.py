@@ -166,6 +166,19 @@ def test_int8_golden_from_bitsandbytes():
     assert q0.abs().sum() == 0 and scb0.tolist() == [0.0, 0.0]
 
 
+def test_int8_rows_quantized_in_blocks_match_the_whole_matrix_rule():
+    """quantize_int8 works through large matrices a block of rows at a time (the head: 32000 rows): the same numbers
+    as the rule applied to the whole matrix at once, across block boundaries and with an all-zero row."""
+    w = torch.randn(300, 16384, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)  # 256-row blocks
+    w[257] = 0
+    q, scb = quantize_int8(w)
+    full = w.float()
+    expected_scb = full.abs().amax(dim=1)
+    expected = torch.where(expected_scb[:, None] > 0, torch.round(full * (127.0 / expected_scb)[:, None]), 0)
+    assert torch.equal(scb, expected_scb) and torch.equal(q, expected.to(torch.int8))
+    assert q.dtype == torch.int8 and q[257].abs().sum() == 0 and q.abs().amax(dim=1)[:257].eq(127).all()
+
+
 def test_against_bitsandbytes():
     """Live comparison with bitsandbytes (a test oracle, in the test extra; not a runtime dependency)."""
     import bitsandbytes.functional as bnb_functional

@@ -219,10 +219,16 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     """(q int8 [N, K], SCB fp32 [N]) with q = round(w * 127 / SCB), SCB = max |w| of the row: bitsandbytes'
     int8_vectorwise_quant, applied to the fp32 value of the weight (bitsandbytes first casts to fp16, which changes
     nothing for fp16/bf16 checkpoints except weights below fp16's normal range). All-zero rows give q = 0."""
-    w = weight.detach().float()
-    scb = w.abs().amax(dim=1)
-    q = torch.round(w * (127.0 / scb)[:, None])
-    return torch.where(scb[:, None] > 0, q, 0).to(torch.int8), scb
+    w = weight.detach()
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scb = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    rows = max(1, (1 << 22) // max(1, w.shape[1]))  # ~16 MB of fp32 at a time: a whole head would take ~1.3 GB
+    for r0 in range(0, w.shape[0], rows):
+        block = w[r0:r0 + rows].float()
+        scb[r0:r0 + rows] = absmax = block.abs().amax(dim=1)
+        rounded = torch.round(block * (127.0 / absmax)[:, None])
+        q[r0:r0 + rows] = torch.where(absmax[:, None] > 0, rounded, 0)
+    return q, scb
 
 
 # ---------------------------------------------------------------------------------------------------------------
