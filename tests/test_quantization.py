@@ -166,6 +166,19 @@ def test_int8_golden_from_bitsandbytes():
     assert q0.abs().sum() == 0 and scb0.tolist() == [0.0, 0.0]
 
 
+def test_4bit_runtime_layout_of_many_rows_unpacks_to_its_indices():
+    """pack_4bit works through large matrices a block of rows at a time (the head: 32000 rows): every row, on both
+    sides of the block boundaries, unpacks to its own code indices, and dequantizes to code[index] * absmax."""
+    n, k = 700, 8192 - 64  # 512-row blocks; rows padded to the layout's 128 elements
+    indices = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    packed = kernels.pack_4bit(indices)
+    assert packed.shape == (n, 8192 // 2) and torch.equal(kernels.unpack_4bit(packed, k), indices)
+    absmax = torch.rand(n * k // 64, generator=torch.Generator().manual_seed(5)) + 0.5
+    code = code_book("nf4")
+    expected = (code[indices.long()].view(n, k // 64, 64) * absmax.view(n, k // 64, 1)).view(n, k)
+    assert torch.equal(kernels.dequantize_4bit(packed, kernels.pad_absmax(absmax, n, k), code, k), expected)
+
+
 def test_int8_rows_quantized_in_blocks_match_the_whole_matrix_rule():
     """quantize_int8 works through large matrices a block of rows at a time (the head: 32000 rows): the same numbers
     as the rule applied to the whole matrix at once, across block boundaries and with an all-zero row."""

@@ -149,9 +149,14 @@ def pack_4bit(indices: torch.Tensor) -> torch.Tensor:
     """Code indices [N, K] (values 0..15) -> runtime layout uint8 [N, Kp/2] (see the module docstring)."""
     n, k = indices.shape
     kp = _ceil128(k)
-    idx = F.pad(indices.to(torch.uint8), (0, kp - k))[:, _runtime_order(kp)]
-    lane_nibble = idx.view(n, kp // 128, 4, 32).transpose(2, 3)  # [n, line, lane w, nibble t]
-    return (lane_nibble[..., 0::2] | (lane_nibble[..., 1::2] << 4)).reshape(n, kp // 2).contiguous()
+    order = _runtime_order(kp)
+    out = torch.empty(n, kp // 2, dtype=torch.uint8)
+    rows = max(1, (1 << 22) // kp)  # a block of rows at a time: whole, the 32000-row head made ~0.35 GB of temporaries
+    for r0 in range(0, n, rows):
+        idx = F.pad(indices[r0:r0 + rows].to(torch.uint8), (0, kp - k))[:, order]
+        lane_nibble = idx.view(-1, kp // 128, 4, 32).transpose(2, 3)  # [rows, line, lane w, nibble t]
+        out[r0:r0 + rows] = (lane_nibble[..., 0::2] | (lane_nibble[..., 1::2] << 4)).reshape(-1, kp // 2)
+    return out
 
 
 @lru_cache(maxsize=None)
