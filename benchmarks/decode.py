@@ -121,22 +121,22 @@ def decode_rate(model, ids, n):  # new tokens per second after the first: no pre
     assert len(clock.times) == n + 2, len(clock.times)
     return n / (last - first)
 
-def probe_head(head):  # GB/s of reading the head's shape in bf16 (164 MB) through neoxja's GEMV, best of 3
+def probe_gemv(matrix):  # GB/s of reading a bf16 matrix (164 MB here) through neoxja's GEMV, best of 3
     from neoxja import kernels
-    x, best = torch.ones(1, head.shape[1], dtype=torch.bfloat16), float("inf")
+    x, best = torch.ones(1, matrix.shape[1], dtype=torch.bfloat16), float("inf")
     for _ in range(3):
-        best = min(best, timed(lambda: kernels.linear_bf16(x, head)))
-    return head.numel() * head.element_size() / best / 1e9
+        best = min(best, timed(lambda: kernels.linear_bf16(x, matrix)))
+    return matrix.numel() * matrix.element_size() / best / 1e9
 
 model = load()
-head = model.get_input_embeddings().weight.detach().to(torch.bfloat16)  # bf16 in every engine, the head's shape
+matrix = model.get_input_embeddings().weight.detach().to(torch.bfloat16)  # bf16 in every engine, the head's shape
 decode, local = [], []
 with torch.no_grad():
     generate(model, prompt, 2)  # warm-up: kernels' one-time set-up
     for _ in range(reps):  # each timing between two probes of the bandwidth the host gives at that moment
-        before = probe_head(head)
+        before = probe_gemv(matrix)
         decode.append(decode_rate(model, prompt, new))
-        local.append(max(before, probe_head(head)))
+        local.append(max(before, probe_gemv(matrix)))
     prefill = min(timed(lambda: model(long_prompt)) for _ in range(max(1, reps - 1)))
     ttft = min(timed(lambda: generate(model, long_prompt, 1)) for _ in range(max(1, reps - 1)))
     batch_first = timed(lambda: generate(model, batch, 1))
@@ -144,7 +144,7 @@ with torch.no_grad():
 # this process's own high-water mark (ru_maxrss would also count the parent's, inherited at fork)
 peak_rss = int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 nbytes = bytes_per_token(model)
-del model, head
+del model, matrix
 gc.collect()
 bandwidth.append(probe())
 print(json.dumps({

@@ -60,6 +60,13 @@ def _ceil128(k: int) -> int:
     return (k + 127) // 128 * 128
 
 
+def row_blocks(n: int, width: int) -> list[slice]:
+    """Rows [0, n) of a matrix `width` wide in blocks of ~4M elements: whole-matrix work on the 32000-row head made
+    hundreds of MB of temporaries at load (~1.3 GB for int8 quantization); a block's stay in the tens of MB."""
+    step = max(1, (1 << 22) // max(1, width))
+    return [slice(r0, r0 + step) for r0 in range(0, n, step)]
+
+
 def _check(tensor: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     """The kernels read raw memory: refuse anything but the exact dtype, shape and a contiguous layout."""
     if tensor.dtype != dtype or tuple(tensor.shape) != shape or not tensor.is_contiguous():
@@ -151,11 +158,10 @@ def pack_4bit(indices: torch.Tensor) -> torch.Tensor:
     kp = _ceil128(k)
     order = _runtime_order(kp)
     out = torch.empty(n, kp // 2, dtype=torch.uint8)
-    rows = max(1, (1 << 22) // kp)  # a block of rows at a time: whole, the 32000-row head made ~0.35 GB of temporaries
-    for r0 in range(0, n, rows):
-        idx = F.pad(indices[r0:r0 + rows].to(torch.uint8), (0, kp - k))[:, order]
+    for rows in row_blocks(n, kp):
+        idx = F.pad(indices[rows].to(torch.uint8), (0, kp - k))[:, order]
         lane_nibble = idx.view(-1, kp // 128, 4, 32).transpose(2, 3)  # [rows, line, lane w, nibble t]
-        out[r0:r0 + rows] = (lane_nibble[..., 0::2] | (lane_nibble[..., 1::2] << 4)).reshape(-1, kp // 2)
+        out[rows] = (lane_nibble[..., 0::2] | (lane_nibble[..., 1::2] << 4)).reshape(-1, kp // 2)
     return out
 
 

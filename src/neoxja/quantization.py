@@ -222,12 +222,10 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     w = weight.detach()
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scb = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
-    rows = max(1, (1 << 22) // max(1, w.shape[1]))  # ~16 MB of fp32 at a time: a whole head would take ~1.3 GB
-    for r0 in range(0, w.shape[0], rows):
-        block = w[r0:r0 + rows].float()
-        scb[r0:r0 + rows] = absmax = block.abs().amax(dim=1)
-        rounded = torch.round(block * (127.0 / absmax)[:, None])
-        q[r0:r0 + rows] = torch.where(absmax[:, None] > 0, rounded, 0)
+    for rows in kernels.row_blocks(w.shape[0], w.shape[1]):
+        block = w[rows].float()
+        scb[rows] = absmax = block.abs().amax(dim=1)
+        q[rows] = torch.where(absmax[:, None] > 0, torch.round(block * (127.0 / absmax)[:, None]), 0)
     return q, scb
 
 
@@ -636,9 +634,7 @@ def kept_in_float(model: nn.Module, config: BitsAndBytesConfig) -> set[str]:
     return set(config.llm_int8_skip_modules)
 
 
-def _replace_linears(model: nn.Module, config: BitsAndBytesConfig, skip_modules: Iterable[str],
-                     make) -> None:
-    skip = set(skip_modules) | set(config.llm_int8_skip_modules or ())
+def _replace_linears(model: nn.Module, skip: set[str], make) -> None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
     def names(name: str, module: nn.Module) -> tuple[str, ...]:
@@ -668,7 +664,7 @@ def quantize_model(model: nn.Module, config: BitsAndBytesConfig | dict[str, Any]
         return Linear4bit.from_linear(linear, config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant)
 
     with torch.no_grad():
-        _replace_linears(model, config, skip_modules, make)
+        _replace_linears(model, set(skip_modules) | set(config.llm_int8_skip_modules or ()), make)
 
 
 def quantized_state_keys(model: nn.Module) -> set[str]:
@@ -717,7 +713,7 @@ def prepare_quantized_model(model: nn.Module, saved_quantization: dict[str, Any]
         return Linear4bit(linear.in_features, linear.out_features, bias, saved.bnb_4bit_quant_type,
                           saved.bnb_4bit_use_double_quant, dtype)
 
-    _replace_linears(model, saved, kept_in_float(model, saved), make)
+    _replace_linears(model, kept_in_float(model, saved), make)
     _record(model, saved)
 
 
