@@ -87,10 +87,12 @@ def kernels_for(n: int, k: int, rows: int, pool_bytes: int) -> dict[str, tuple[i
     except ImportError:
         pass
 
-    layer = Linear4bit.from_linear(_with_weight(w), "nf4", compress_statistics=True)
-    nf4_bytes = layer.qweight.numel() + layer.absmax.numel() * 4
-    nf4 = pool(lambda: (layer.qweight, layer.absmax), nf4_bytes, pool_bytes)
-    out["neoxja nf4"] = (nf4_bytes, [lambda t=t: kernels.linear_4bit(x, t[0], t[1], layer.code, k) for t in nf4])
+    for name, double_quant in (("neoxja nf4", False), ("neoxja nf4, double quant", True)):
+        # from bf16 weights the absmax values are bf16 (kept in 16 bits); double quantization's are not (fp32)
+        layer = Linear4bit.from_linear(_with_weight(w), "nf4", compress_statistics=double_quant)
+        nf4_bytes = layer.qweight.numel() + layer.absmax.numel() * layer.absmax.element_size()
+        nf4 = pool(lambda: (layer.qweight, layer.absmax), nf4_bytes, pool_bytes)
+        out[name] = (nf4_bytes, [lambda t=t, c=layer.code: kernels.linear_4bit(x, t[0], t[1], c, k) for t in nf4])
     return out
 
 

@@ -276,6 +276,34 @@ def test_quantized_linear_matches_dequantized(kind: str, native: bool):
         assert torch.allclose(layer(x3), layer(x3.view(6, k)).view(2, 3, n), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_4bit_absmax_in_the_narrowest_exact_dtype(dtype: torch.dtype, tmp_path: Path):
+    """Weights quantized from bf16 (fp16) have absmax values that bf16 (fp16) holds exactly: the layer keeps them in
+    16 bits (half the absmax bytes each token reads) and computes exactly what it computes from fp32 absmax, on every
+    kernel path (batch 1, batched, prefill, dequantize) and group size (1856: groups of 8, 4, 2 and 1 lines); fp32
+    weights keep fp32 absmax. Checkpoints hold them as fp32, bitsandbytes' layout, and load back the same."""
+    for n, k in [(40, 320), (20, 1856)]:
+        lin = _linear(n, k, seed=k).to(dtype)
+        layer = Linear4bit.from_linear(lin, "nf4")
+        assert layer.absmax.dtype == dtype
+        wide = Linear4bit.from_linear(lin, "nf4")
+        wide.absmax = layer.absmax.float()
+        assert torch.equal(layer.dequantize(), wide.dequantize())
+        for rows in (1, 3, 8, 9):
+            for x_dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(rows, k).to(x_dtype)
+                assert torch.equal(layer(x), wide(x)), (n, k, rows, x_dtype)
+        state = layer.state_dict()
+        assert state["weight.absmax"].dtype == torch.float32
+        assert torch.equal(state["weight.absmax"], wide.state_dict()["weight.absmax"])
+        fresh = Linear4bit(k, n, quant_type="nf4", dtype=dtype).to_empty(device="cpu")
+        fresh.load_state_dict(state)
+        assert fresh.absmax.dtype == dtype and torch.equal(fresh.absmax, layer.absmax)
+    assert kernels.narrow_absmax(torch.tensor([1.0, 1 + 2**-10])).dtype == torch.float16  # not bf16
+    assert kernels.narrow_absmax(torch.tensor([1.0, 2**-40])).dtype == torch.bfloat16  # below fp16's range
+    assert kernels.narrow_absmax(torch.tensor([1.0, 1 + 2**-20])).dtype == torch.float32
+
+
 def test_int8_activation_rows_of_every_kind(native: bool):
     """Activation rows of every kind through an int8 layer, each judged on its own scale: a row whose absmax is an
     outlier a thousand times its other values, a zero row, K % 64 == 32 and long rows stay at fp32 accuracy, and a

@@ -6,8 +6,9 @@ formats by decoding weights in registers and never writing a dequantized copy:
 
   FMT_BF16  bf16 [N, K]                                   (plain bf16 checkpoints)
   FMT_INT8  int8 [N, K], w = q * SCB[n] / 127             (load_in_8bit)
-  FMT_4BIT  4-bit code indices, one fp32 absmax per 64     (load_in_4bit, nf4 or fp4: the code book is an argument)
-            in the runtime layout made by neoxja.kernels.pack_4bit (see there)
+  FMT_4BIT  4-bit code indices, one absmax per 64           (load_in_4bit, nf4 or fp4: the code book is an argument)
+            in the runtime layout made by neoxja.kernels.pack_4bit (see there); absmax in fp32, or in bf16 / fp16
+            where that holds it exactly (neoxja.kernels.narrow_absmax)
 
 Products and sums are fp32 (weights decode exactly to fp32), so results equal F.linear on the dequantized fp32
 weights up to summation order. `gemv` serves M <= 8 activation rows (batch-1 and small-batch decode); for prefill,
@@ -33,7 +34,8 @@ one OpenMP runtime and one thread pool. */
 
 #define INLINE static inline __attribute__((always_inline))
 
-enum { DT_F32 = 0, DT_BF16 = 1 }; /* dtype codes; neoxja.kernels._DT mirrors them */
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 }; /* dtype codes (fp16: 4-bit absmax only); neoxja.kernels._DT mirrors
+                                                them */
 enum { FMT_BF16 = 0, FMT_INT8 = 1, FMT_4BIT = 2 };
 enum { MAX_M = 8 };
 #ifdef __AVX512BF16__
@@ -60,6 +62,16 @@ INLINE uint16_t f32_to_bf16(float f)
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
+
+/* Element i of a scale array in `sdt` (fp32; bf16 or fp16 for 4-bit absmax), exactly as fp32 */
+INLINE float scale_at(const void *s, int sdt, int64_t i)
+{
+    if (sdt == DT_F32) return ((const float *)s)[i];
+    uint16_t h = ((const uint16_t *)s)[i];
+    return sdt == DT_BF16 ? bf16_to_f32(h) : _cvtsh_ss(h);
+}
+
+INLINE int64_t scale_bytes(int sdt) { return sdt == DT_F32 ? 4 : 2; }
 
 /* Same rounding for 16 lanes of finite values (dequantized weights): vcvtneps2bf16 would flush denormals. */
 INLINE __m256i f32x16_to_bf16(__m512 v)
@@ -153,15 +165,21 @@ INLINE int group_lines(int64_t lines_left)
     return lines_left >= 8 ? 8 : lines_left >= 4 ? 4 : lines_left >= 2 ? 2 : 1;
 }
 
-/* The absmax of the group's 2L blocks (from `a`) in the lanes whose sums they scale: lane j gets block j mod 2L. */
-INLINE __m512 group_scale(const float *a, int L)
+/* The absmax of the group's 2L blocks (at `a`, in `sdt`: fp32, or bf16 / fp16 where those hold every value exactly,
+   see neoxja.kernels.narrow_absmax) as fp32 in the lanes whose sums they scale: lane j gets block j mod 2L. */
+INLINE __m512 group_scale(const void *a, int L, int sdt)
 {
-    if (L == 8) return _mm512_loadu_ps(a);
-    if (L == 4) return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd((const double *)a)));
-    if (L == 2) return _mm512_broadcast_f32x4(_mm_loadu_ps(a));
-    double pair;
-    memcpy(&pair, a, sizeof pair);
-    return _mm512_castpd_ps(_mm512_set1_pd(pair));
+    __mmask16 blocks = (__mmask16)((1u << (2 * L)) - 1);
+    __m512 v;
+    if (sdt == DT_F32) {
+        v = _mm512_maskz_loadu_ps(blocks, a);
+    } else {
+        __m256i h = _mm256_maskz_loadu_epi16(blocks, a);
+        v = sdt == DT_BF16 ? bf16x16_to_f32(h) : _mm512_cvtph_ps(h);
+    }
+    if (L == 8) return v;
+    const __m512i j = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    return _mm512_permutexvar_ps(_mm512_and_si512(j, _mm512_set1_epi32(2 * L - 1)), v);
 }
 
 /* Lane j: the activations' pair (counted from the group's start) that step 0's pair j multiplies; step s adds s. */
@@ -272,7 +290,7 @@ INLINE void tile_bf16_dot(int R, int M, int64_t n, int64_t stride, int64_t ahead
    row and activation row per group. K = row length padded to 128; k0 and k1 lie on group boundaries. `dot` (a
    compile-time constant at each call) picks the bf16 path (xb, codebf) or the fp32 one (xp, code). */
 INLINE void tile_4bit(int dot, int R, int M, int64_t n, int64_t stride, int64_t ahead, const uint8_t *w,
-                      const float *absmax, __m512 code, __m512i codebf, int64_t K, int64_t k0, int64_t k1,
+                      const void *absmax, int sdt, __m512 code, __m512i codebf, int64_t K, int64_t k0, int64_t k1,
                       const float *xp, const uint16_t *xb, float *part)
 {
     __m512 acc[4][MAX_M];
@@ -322,7 +340,8 @@ INLINE void tile_4bit(int dot, int R, int M, int64_t n, int64_t stride, int64_t 
         }
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
-            __m512 a = group_scale(absmax + (n + r * stride) * (K / 64) + (k - 128 * L) / 64, L);
+            int64_t block = (n + r * stride) * (K / 64) + (k - 128 * L) / 64;
+            __m512 a = group_scale((const char *)absmax + block * scale_bytes(sdt), L, sdt);
 #pragma GCC unroll 8
             for (int m = 0; m < M; m++) acc[r][m] = _mm512_fmadd_ps(s[r][m], a, acc[r][m]);
         }
@@ -353,15 +372,16 @@ INLINE __m512i prefetch_load(const uint8_t *p, int64_t ahead)
    50.9 -> 49.0): at batch 1 the memory streams, not the vector units, set the pace. Batched decode (tile_4bit),
    compute-bound, gained 25-30 %. Each row sums steps t = 0, 1 and t = 2, 3 in two registers, which keeps the chains
    of dependent vdpbf16ps short enough for four rows to hide their latency. */
-INLINE void dot4_one_row(int R, const uint8_t *w, const float *absmax, int64_t n, int64_t stride, int64_t K,
-                         int64_t ahead, const uint16_t *xb, __m512i codebf, float *part)
+INLINE void dot4_one_row(int R, const uint8_t *w, const void *absmax, int sdt, int64_t n, int64_t stride,
+                         int64_t K, int64_t ahead, const uint16_t *xb, __m512i codebf, float *part)
 {
     const uint8_t *p[4];
-    const float *a[4];
+    const char *a[4];
+    int64_t sb = scale_bytes(sdt);
     __m512 acc[4];
     for (int r = 0; r < R; r++) {
         p[r] = w + (n + r * stride) * (K / 2);
-        a[r] = absmax + (n + r * stride) * (K / 64);
+        a[r] = (const char *)absmax + (n + r * stride) * (K / 64) * sb;
         acc[r] = _mm512_setzero_ps();
     }
     __m512 s0[4], s1[4];
@@ -382,10 +402,10 @@ INLINE void dot4_one_row(int R, const uint8_t *w, const float *absmax, int64_t n
         }
         if (--left == 0) {
             for (int r = 0; r < R; r++) {
-                acc[r] = _mm512_fmadd_ps(_mm512_add_ps(s0[r], s1[r]), group_scale(a[r], L), acc[r]);
+                acc[r] = _mm512_fmadd_ps(_mm512_add_ps(s0[r], s1[r]), group_scale(a[r], L, sdt), acc[r]);
                 s0[r] = s1[r] = _mm512_setzero_ps();
-                a[r] += 2 * L;
-                _mm_prefetch((const char *)a[r] + ahead / 8, _MM_HINT_T1); /* see STREAMS */
+                a[r] += 2 * L * sb;
+                _mm_prefetch(a[r] + ahead * sb / 32, _MM_HINT_T1); /* see STREAMS */
             }
             left = L = group_lines((end - x) / 128 - 1); /* lines after this one (0 at the end: the loop stops) */
         }
@@ -393,26 +413,26 @@ INLINE void dot4_one_row(int R, const uint8_t *w, const float *absmax, int64_t n
     for (int r = 0; r < R; r++) part[r * stride] += _mm512_reduce_add_ps(acc[r]);
 }
 
-static __attribute__((noinline)) void dot4_one_row_4(const uint8_t *w, const float *absmax, int64_t n,
+static __attribute__((noinline)) void dot4_one_row_4(const uint8_t *w, const void *absmax, int sdt, int64_t n,
                                                      int64_t stride, int64_t K, int64_t ahead, const uint16_t *xb,
                                                      __m512i codebf, float *part)
 {
-    dot4_one_row(4, w, absmax, n, stride, K, ahead, xb, codebf, part);
+    dot4_one_row(4, w, absmax, sdt, n, stride, K, ahead, xb, codebf, part);
 }
 
-static __attribute__((noinline)) void dot4_one_row_1(const uint8_t *w, const float *absmax, int64_t n,
+static __attribute__((noinline)) void dot4_one_row_1(const uint8_t *w, const void *absmax, int sdt, int64_t n,
                                                      int64_t stride, int64_t K, int64_t ahead, const uint16_t *xb,
                                                      __m512i codebf, float *part)
 {
-    dot4_one_row(1, w, absmax, n, stride, K, ahead, xb, codebf, part);
+    dot4_one_row(1, w, absmax, sdt, n, stride, K, ahead, xb, codebf, part);
 }
 #endif
 
 typedef struct {
-    int fmt, ydt, bdt;
+    int fmt, ydt, bdt, sdt; /* sdt: scale's dtype */
     int64_t M, N, K; /* K: row length of w in elements (padded Kp for FMT_4BIT) */
     const void *w;
-    const float *scale; /* FMT_INT8: SCB, the per-row absmax; FMT_4BIT: per-block absmax; else NULL */
+    const void *scale; /* FMT_INT8: SCB, the per-row absmax (fp32); FMT_4BIT: per-block absmax; else NULL */
     const float *code;  /* FMT_4BIT: the 16-entry code book */
     const float *xp;
     const uint16_t *xb; /* bf16 activations [M, K] (zero-padded) for the AVX512-BF16 paths of FMT_4BIT and FMT_BF16 */
@@ -430,14 +450,15 @@ INLINE void tile(const Gemv *g, int fmt, int R, int M, int64_t n, int64_t stride
         return;
     }
     if (fmt == FMT_4BIT && g->xb && M == 1 && (R == 4 || R == 1)) {
-        (R == 4 ? dot4_one_row_4 : dot4_one_row_1)(g->w, g->scale, n, stride, g->K, ahead, g->xb, codebf, part);
+        (R == 4 ? dot4_one_row_4 : dot4_one_row_1)(g->w, g->scale, g->sdt, n, stride, g->K, ahead, g->xb, codebf,
+                                                   part);
         return;
     }
 #endif
     if (fmt == FMT_4BIT && g->xb)
-        tile_4bit(1, R, M, n, stride, ahead, g->w, g->scale, code, codebf, g->K, k0, k1, g->xp, g->xb, part);
+        tile_4bit(1, R, M, n, stride, ahead, g->w, g->scale, g->sdt, code, codebf, g->K, k0, k1, g->xp, g->xb, part);
     else if (fmt == FMT_4BIT)
-        tile_4bit(0, R, M, n, stride, ahead, g->w, g->scale, code, codebf, g->K, k0, k1, g->xp, g->xb, part);
+        tile_4bit(0, R, M, n, stride, ahead, g->w, g->scale, g->sdt, code, codebf, g->K, k0, k1, g->xp, g->xb, part);
     else
         tile_32(fmt, R, M, n, stride, ahead, g->w, g->K, k0, k1, g->xp, part);
 }
@@ -448,7 +469,7 @@ INLINE void store_rows(const Gemv *g, int fmt, int M, int64_t n0, int64_t n1, co
     for (int64_t n = n0; n < n1; n++)
         for (int m = 0; m < M; m++) {
             float v = part[(n - n0) * M + m];
-            if (fmt == FMT_INT8) v = v * g->scale[n] * INV127; /* scale = SCB, the row's absmax */
+            if (fmt == FMT_INT8) v = v * scale_at(g->scale, g->sdt, n) * INV127; /* scale = SCB, the row's absmax */
             if (g->bias)
                 v += g->bdt == DT_BF16 ? bf16_to_f32(((const uint16_t *)g->bias)[n]) : ((const float *)g->bias)[n];
             if (g->ydt == DT_BF16)
@@ -649,14 +670,14 @@ static void prepare_activations(const Gemv *g, const void *x, int xdt, int64_t K
 /* A GEMV whose activation buffers xp (fp32, M x Kp) and xb (bf16, M x Kp, or NULL without AVX512-BF16) are given;
    xb is used where the format has a bf16 path and the activations are bf16. Returns 0 for an unsupported shape. */
 static int gemv_init(Gemv *g, int fmt, int ydt, int xdt, int64_t M, int64_t N, int64_t K, const void *w,
-                     const float *scale, const float *code, const void *bias, int bdt, void *y, float *xp,
+                     const void *scale, int sdt, const float *code, const void *bias, int bdt, void *y, float *xp,
                      uint16_t *xb)
 {
     if (M < 1 || M > MAX_M || N < 1 || K < 1 || (fmt == FMT_4BIT ? K % 64 : K % 32) != 0 || fmt < FMT_BF16 ||
-        fmt > FMT_4BIT)
+        fmt > FMT_4BIT || sdt < DT_F32 || sdt > (fmt == FMT_4BIT ? DT_F16 : DT_F32))
         return 0;
     int dot = xb && (fmt == FMT_4BIT || fmt == FMT_BF16) && xdt == DT_BF16;
-    Gemv init = {fmt, ydt, bdt, M, N, fmt == FMT_4BIT ? (K + 127) / 128 * 128 : K, w, scale, code, xp,
+    Gemv init = {fmt, ydt, bdt, sdt, M, N, fmt == FMT_4BIT ? (K + 127) / 128 * 128 : K, w, scale, code, xp,
                  dot ? xb : NULL, bias, y, 0};
     *g = init;
     return 1;
@@ -766,11 +787,11 @@ INLINE int64_t padded_k(int64_t K) { return (K + 127) / 128 * 128; }
 
 static PyObject *py_gemv(PyObject *self, PyObject *args)
 {
-    int fmt, ydt, xdt, bdt, nthreads;
+    int fmt, ydt, xdt, sdt, bdt, nthreads;
     unsigned long long y, x, w, scale, code, bias;
     Py_ssize_t M, N, K;
-    if (!PyArg_ParseTuple(args, "iKiKiKKKKinnni", &fmt, &y, &ydt, &x, &xdt, &w, &scale, &code, &bias, &bdt, &M, &N,
-                          &K, &nthreads))
+    if (!PyArg_ParseTuple(args, "iKiKiKKiKKinnni", &fmt, &y, &ydt, &x, &xdt, &w, &scale, &sdt, &code, &bias, &bdt, &M,
+                          &N, &K, &nthreads))
         return NULL;
     /* buffers for the rows asked for (sizes clamped to something valid: gemv_init rejects bad shapes below) */
     int64_t Kp = padded_k(K > 0 ? K : 1), rows = M >= 1 && M <= MAX_M ? M : 1;
@@ -779,7 +800,7 @@ static PyObject *py_gemv(PyObject *self, PyObject *args)
     float *part = malloc((size_t)(N > 0 ? N : 1) * (size_t)rows * sizeof(float));
     Gemv g;
     int ok = xp && xb && part;
-    if (ok && !gemv_init(&g, fmt, ydt, xdt, M, N, K, (const void *)w, (const float *)scale, (const float *)code,
+    if (ok && !gemv_init(&g, fmt, ydt, xdt, M, N, K, (const void *)w, (const void *)scale, sdt, (const float *)code,
                          (const void *)bias, bdt, (void *)y, xp, HAVE_BF16 ? xb : NULL)) {
         free(xp), free(xb), free(part);
         PyErr_Format(PyExc_ValueError, "gemv: unsupported format %d or shape M=%zd N=%zd K=%zd", fmt, M, N, K);
@@ -801,12 +822,12 @@ static PyObject *py_gemv(PyObject *self, PyObject *args)
 
 /* ---- dequantization (prefill): out [N, K] in fp32 or bf16, natural order ---- */
 
-static void dequant_row(int fmt, int64_t n, const void *w, const float *scale, const float *code, int64_t K, void *out,
-                        int odt)
+static void dequant_row(int fmt, int64_t n, const void *w, const void *scale, int sdt, const float *code, int64_t K,
+                        void *out, int odt)
 {
     if (fmt == FMT_INT8) {
         /* (q * SCB) * (1/127), in this order, is bitsandbytes' int8_vectorwise_dequant (scale = SCB). */
-        __m512 s = _mm512_set1_ps(scale[n]), inv127 = _mm512_set1_ps(INV127);
+        __m512 s = _mm512_set1_ps(scale_at(scale, sdt, n)), inv127 = _mm512_set1_ps(INV127);
         for (int64_t k = 0; k < K; k += 16) {
             __m128i q = _mm_loadu_si128((const __m128i *)((const int8_t *)w + n * K + k));
             __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), s), inv127);
@@ -830,7 +851,7 @@ static void dequant_row(int fmt, int64_t n, const void *w, const float *scale, c
             which[r / 2] = _mm512_mask_blend_epi32(0xff00, _mm512_set1_epi32(2 * L * (r / L)),
                                                    _mm512_set1_epi32(16 + 2 * L * ((r + 1) / L)));
         for (int b = 0; b < 2 * L && g0 + 64 * b < K; b++) { /* K is a multiple of 64: padding is whole blocks */
-            __m512 a = _mm512_set1_ps(scale[n * (Kp / 64) + g0 / 64 + b]);
+            __m512 a = _mm512_set1_ps(scale_at(scale, sdt, n * (Kp / 64) + g0 / 64 + b));
             for (int r = 0; r < 8; r += 2) {
                 __m512i dwords = _mm512_add_epi32(which[r / 2], _mm512_set1_epi32(b));
                 __m512i runs = _mm512_permutex2var_epi32(line[r % L], dwords, line[(r + 1) % L]);
@@ -844,18 +865,21 @@ static void dequant_row(int fmt, int64_t n, const void *w, const float *scale, c
 
 static PyObject *py_dequantize(PyObject *self, PyObject *args)
 {
-    int fmt, odt, nthreads;
+    int fmt, odt, sdt, nthreads;
     unsigned long long out, w, scale, code;
     Py_ssize_t N, K;
-    if (!PyArg_ParseTuple(args, "iKiKKKnni", &fmt, &out, &odt, &w, &scale, &code, &N, &K, &nthreads)) return NULL;
-    if (N < 1 || K < 1 || K % (fmt == FMT_4BIT ? 64 : 16) != 0 || (fmt != FMT_INT8 && fmt != FMT_4BIT)) {
-        PyErr_Format(PyExc_ValueError, "dequantize: unsupported format %d or shape N=%zd K=%zd", fmt, N, K);
+    if (!PyArg_ParseTuple(args, "iKiKKiKnni", &fmt, &out, &odt, &w, &scale, &sdt, &code, &N, &K, &nthreads))
+        return NULL;
+    if (N < 1 || K < 1 || K % (fmt == FMT_4BIT ? 64 : 16) != 0 || (fmt != FMT_INT8 && fmt != FMT_4BIT) ||
+        sdt < DT_F32 || sdt > (fmt == FMT_4BIT ? DT_F16 : DT_F32)) {
+        PyErr_Format(PyExc_ValueError, "dequantize: unsupported format %d, scale dtype %d or shape N=%zd K=%zd", fmt,
+                     sdt, N, K);
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++)
-        dequant_row(fmt, n, (const void *)w, (const float *)scale, (const float *)code, K, (void *)out, odt);
+        dequant_row(fmt, n, (const void *)w, (const void *)scale, sdt, (const float *)code, K, (void *)out, odt);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -1164,9 +1188,9 @@ static void add_bf16(uint16_t *out, const uint16_t *a, const void *b, int bdt, i
    they point at changes; `decode_layers` takes one per layer. Linear layers in order: query_key_value,
    attention.dense, dense_h_to_4h, dense_4h_to_h. */
 typedef struct {
-    int fmt[4], bdt[4];
-    const void *w[4], *bias[4];
-    const float *scale[4], *code[4];
+    int fmt[4], sdt[4], bdt[4];
+    const void *w[4], *scale[4], *bias[4];
+    const float *code[4];
     int64_t N[4], K[4];
     const void *ln1w, *ln1b, *ln2w, *ln2b, *dbias;
     int pdt, dbdt, parallel;
@@ -1191,12 +1215,13 @@ static PyObject *py_layer_plan(PyObject *self, PyObject *args)
     for (int i = 0; i < 4; i++) {
         unsigned long long w, scale, code, bias;
         Py_ssize_t N, K;
-        if (!PyArg_ParseTuple(lt[i], "iKKKKinn", &p.fmt[i], &w, &scale, &code, &bias, &p.bdt[i], &N, &K)) return NULL;
-        p.w[i] = (const void *)w, p.scale[i] = (const float *)scale, p.code[i] = (const float *)code;
+        if (!PyArg_ParseTuple(lt[i], "iKKiKKinn", &p.fmt[i], &w, &scale, &p.sdt[i], &code, &bias, &p.bdt[i], &N, &K))
+            return NULL;
+        p.w[i] = (const void *)w, p.scale[i] = (const void *)scale, p.code[i] = (const float *)code;
         p.bias[i] = (const void *)bias, p.N[i] = N, p.K[i] = K;
         Gemv probe;
-        if (!gemv_init(&probe, p.fmt[i], DT_BF16, DT_BF16, 1, N, K, p.w[i], p.scale[i], p.code[i], p.bias[i],
-                       p.bdt[i], NULL, NULL, NULL)) {
+        if (!gemv_init(&probe, p.fmt[i], DT_BF16, DT_BF16, 1, N, K, p.w[i], p.scale[i], p.sdt[i], p.code[i],
+                       p.bias[i], p.bdt[i], NULL, NULL, NULL)) {
             Py_RETURN_NONE; /* a format or shape the kernel does not take */
         }
     }
@@ -1358,7 +1383,7 @@ static PyObject *py_decode_layers(PyObject *self, PyObject *args)
         void *outs[4] = {s.qkv, s.d, s.u, s.o};
         for (int i = 0; i < 4; i++) /* layer_plan checked every format and shape */
             gemv_init(&g[4 * l + i], p->fmt[i], DT_BF16, DT_BF16, M, p->N[i], p->K[i], p->w[i], p->scale[i],
-                      p->code[i], p->bias[i], p->bdt[i], outs[i], xp, HAVE_BF16 ? xb : NULL);
+                      p->sdt[i], p->code[i], p->bias[i], p->bdt[i], outs[i], xp, HAVE_BF16 ? xb : NULL);
         g[4 * l + 2].gelu = 1;
     }
     Py_BEGIN_ALLOW_THREADS
@@ -1371,9 +1396,10 @@ static PyObject *py_decode_layers(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"gemv", py_gemv, METH_VARARGS,
-     "gemv(fmt, y, ydt, x, xdt, w, scale, code, bias, bdt, M, N, K, nthreads): y[M,N] = x[M,K] @ W[N,K]^T (+ bias)"},
+     "gemv(fmt, y, ydt, x, xdt, w, scale, sdt, code, bias, bdt, M, N, K, nthreads): y[M,N] = x[M,K] @ W[N,K]^T "
+     "(+ bias)"},
     {"dequantize", py_dequantize, METH_VARARGS,
-     "dequantize(fmt, out, odt, w, scale, code, N, K, nthreads): out[N,K] = decoded weights"},
+     "dequantize(fmt, out, odt, w, scale, sdt, code, N, K, nthreads): out[N,K] = decoded weights"},
     {"decode_attention", py_decode_attention, METH_VARARGS,
      "decode_attention(qkv, dt, cos, sin, B, H, D, R, kc, vc, sb, sh, st, pos, scale, mask, out, nthreads): rotary, "
      "cache write at pos and attention for one new token per sequence"},

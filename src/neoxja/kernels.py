@@ -23,7 +23,10 @@ rows are padded to Kp = K rounded up to 128 and cut into 64-byte lines of 128 we
 s = 4l + t: nibble t (0..3, from the least significant) of 16-bit lane w = 2j + e holds element
 64 b + 8L q + 8l + 2t + e of the group, where b = j mod 2L is its block and q = j div 2L. So 32-bit lane j of a
 step only ever holds weights of block b, and the kernel scales each lane's sum once per group (see _kernels.c).
-`absmax` is fp32 [N, Kp/64] in block order; padding blocks have absmax 0.
+`absmax` is [N, Kp/64] in block order (padding blocks have absmax 0), in bf16 or fp16 where that dtype holds every
+value exactly (`narrow_absmax`), else fp32: weights quantized from bf16 (fp16) have bf16 (fp16) absmax values, the
+largest magnitude of each block, so the 16-bit copy is lossless and the stream of absmax bytes, an eighth of the
+4-bit weights' bytes in fp32, halves.
 
 bf16 weights with bf16 activations on AVX512-BF16 use vdpbf16ps: the products are exact in fp32 and sums fp32, so
 the numbers are those above (denormal inputs count as zero); batched decoding, which is compute-bound, gains most.
@@ -54,6 +57,7 @@ MAX_GEMV_ROWS = 8  # activation rows the GEMV kernel takes in one pass (batched 
 BF16_CODE_4BIT = bool(HAVE_NATIVE and _native.BF16_CODE_4BIT)
 
 _DT = {torch.float32: 0, torch.bfloat16: 1}  # the dtype codes of _kernels.c (DT_F32, DT_BF16)
+_SCALE_DT = {**_DT, torch.float16: 2}  # ... and DT_F16, for 4-bit absmax
 
 
 def _ceil128(k: int) -> int:
@@ -92,13 +96,14 @@ def _linear(x: torch.Tensor, n: int, k: int, native_args, dequant, bias, out_dty
         and not (torch.is_grad_enabled() and (x2.requires_grad or (bias is not None and bias.requires_grad)))
     ):  # the kernel has no backward: anything that needs gradients takes the PyTorch path
         fmt, w, scale, code = native_args
+        sdt = 0 if scale is None else _SCALE_DT[scale.dtype]
         x2 = x2.contiguous()
         y = torch.empty(x2.shape[0], n, dtype=out_dtype)
         if bias is not None:
             bias = (bias if bias.dtype in _DT else bias.float()).contiguous()  # added in fp32, then one rounding
         _native.gemv(
             fmt, y.data_ptr(), _DT[out_dtype], x2.data_ptr(), _DT[x2.dtype], w.data_ptr(),
-            0 if scale is None else scale.data_ptr(), 0 if code is None else code.data_ptr(),
+            0 if scale is None else scale.data_ptr(), sdt, 0 if code is None else code.data_ptr(),
             0 if bias is None else bias.data_ptr(), 0 if bias is None else _DT[bias.dtype],
             x2.shape[0], n, k, torch.get_num_threads(),
         )
@@ -132,8 +137,8 @@ def dequantize_int8(qweight: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype
     n, k = qweight.shape
     if HAVE_NATIVE and dtype in _DT and k % 16 == 0 and qweight.device.type == "cpu":
         out = torch.empty(n, k, dtype=dtype)
-        _native.dequantize(_native.FMT_INT8, out.data_ptr(), _DT[dtype], qweight.data_ptr(), scb.data_ptr(), 0, n, k,
-                           torch.get_num_threads())
+        _native.dequantize(_native.FMT_INT8, out.data_ptr(), _DT[dtype], qweight.data_ptr(), scb.data_ptr(), 0, 0, n,
+                           k, torch.get_num_threads())
         return out
     return (qweight.float() * scb.float()[:, None] * 7.874015718698502e-3).to(dtype)
 
@@ -203,8 +208,19 @@ def unpack_4bit(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def pad_absmax(absmax: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Per-block absmax of a [N, K] weight (K a multiple of 64, blocks in row-major order) -> fp32 [N, Kp/64]."""
-    return F.pad(absmax.float().view(n, k // 64), (0, (_ceil128(k) - k) // 64)).contiguous()
+    """Per-block absmax of a [N, K] weight (K a multiple of 64, blocks in row-major order) -> [N, Kp/64] in the
+    narrowest dtype that holds every value exactly (`narrow_absmax`)."""
+    return narrow_absmax(F.pad(absmax.float().view(n, k // 64), (0, (_ceil128(k) - k) // 64)).contiguous())
+
+
+def narrow_absmax(absmax: torch.Tensor) -> torch.Tensor:
+    """fp32 absmax values as bf16 or fp16 when every one of them survives the round trip exactly (as weights
+    quantized from bf16 or fp16 give: each absmax is one of the weights), else unchanged."""
+    for dtype in (torch.bfloat16, torch.float16):
+        narrow = absmax.to(dtype)
+        if torch.equal(narrow.float(), absmax):
+            return narrow
+    return absmax
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, k: int,
@@ -214,10 +230,10 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     if HAVE_NATIVE and dtype in _DT and packed.device.type == "cpu":
         out = torch.empty(n, k, dtype=dtype)
         _native.dequantize(_native.FMT_4BIT, out.data_ptr(), _DT[dtype], packed.data_ptr(), absmax.data_ptr(),
-                           code.data_ptr(), n, k, torch.get_num_threads())
+                           _SCALE_DT[absmax.dtype], code.data_ptr(), n, k, torch.get_num_threads())
         return out
     values = code.float()[unpack_4bit(packed, k).long()].view(n, k // 64, 64)
-    return (values * absmax[:, : k // 64, None]).reshape(n, k).to(dtype)
+    return (values * absmax[:, : k // 64, None].float()).reshape(n, k).to(dtype)
 
 
 def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, in_features: int,
@@ -227,7 +243,7 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, cod
     if in_features % 64:
         raise InputError(f"4-bit layers need in_features divisible by 64, got {in_features}")
     _check(packed, "packed", torch.uint8, (n, kp // 2))
-    _check(absmax, "absmax", torch.float32, (n, kp // 64))
+    _check(absmax, "absmax", absmax.dtype if absmax.dtype in _SCALE_DT else torch.float32, (n, kp // 64))
     _check(code, "code", torch.float32, (16,))
     native = (_native.FMT_4BIT, packed, absmax, code) if HAVE_NATIVE else None
     return _linear(x, n, in_features, native,
@@ -330,8 +346,8 @@ def layer_plan(specs: list[GemvSpec | None], norms: tuple, dense_bias: torch.Ten
             or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors)):
         return None
     linears = [(getattr(_native, _FORMATS[fmt]), w.data_ptr(), 0 if scale_ is None else scale_.data_ptr(),
-                0 if code is None else code.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                0 if bias is None else _DT[bias.dtype], w.shape[0], in_features)
+                0 if scale_ is None else _SCALE_DT[scale_.dtype], 0 if code is None else code.data_ptr(),
+                0 if bias is None else bias.data_ptr(), 0 if bias is None else _DT[bias.dtype], w.shape[0], in_features)
                for fmt, w, scale_, code, bias, in_features in specs]
     return _native.layer_plan(*linears, w1.data_ptr(), 0 if b1 is None else b1.data_ptr(), w2.data_ptr(),
                               0 if b2 is None else b2.data_ptr(), eps1,

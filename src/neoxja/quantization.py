@@ -345,7 +345,8 @@ class Linear4bit(_QuantizedLinear):
 
     Saved and loaded in bitsandbytes' Linear4bit format (reference-spec §7.6). When in_features is a multiple of 64
     (every layer of the real models), blocks never straddle rows and the weights are kept in the kernels' runtime
-    layout (`kernels.pack_4bit`) with the absmax decoded once to fp32. Otherwise (small models such as the demo
+    layout (`kernels.pack_4bit`) with the absmax decoded once (to bf16 or fp16 where that is exact, else fp32:
+    `kernels.narrow_absmax`). Otherwise (small models such as the demo
     model) they stay in bitsandbytes' flat layout and each call dequantizes them: slower, same numbers."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, quant_type: str = "fp4",
@@ -420,7 +421,7 @@ class Linear4bit(_QuantizedLinear):
             values = [_pack_pairs(kernels.unpack_4bit(self.qweight, k).reshape(-1), self.quant_type)
                       if self.row_blocks else self.qweight]
         if self.nested is None:
-            values.append(self.absmax[:, : k // BLOCKSIZE].reshape(-1) if self.row_blocks else self.absmax)
+            values.append(self.absmax[:, : k // BLOCKSIZE].float().reshape(-1) if self.row_blocks else self.absmax)
         else:
             values.append(self.nested[0])
         values.append(self.code.clone())
