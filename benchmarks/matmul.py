@@ -14,9 +14,9 @@ median pass. Bytes count everything a kernel reads per call (weights, scales, ab
 With --threads 1 the clock is the thread's CPU time, which other processes on a shared machine cannot stretch by
 descheduling it; with more threads it is wall time (best of --reps).
 
-Bandwidth: the best of summing a 1 GiB fp32 tensor with PyTorch (same threads, same clock). The decode limit of a format is
-bandwidth / bytes per weight; the issue's goals compare tokens/s with the bf16 limit (bf16 >= 0.8, int8 >= 1.5,
-nf4 >= 2.5): for one GEMV that is weights/s divided by (bandwidth / 2)."""
+Bandwidth: the best of summing a 1 GiB fp32 tensor with PyTorch (same threads, same clock). The decode limit of a
+format is bandwidth / bytes per weight; the issue's goals compare tokens/s with the bf16 limit (bf16 >= 0.8,
+int8 >= 1.5, nf4 >= 2.5): for one GEMV that is weights/s divided by (bandwidth / 2)."""
 from __future__ import annotations
 
 import argparse

@@ -271,9 +271,9 @@ def test_config_validation_and_defaults():
     assert legacy.rope_parameters["rope_type"] == "linear" and legacy.rope_scaling["factor"] == 2.0
 
 
-@pytest.mark.parametrize("settings", [dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
-                                      dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"), dict(load_in_8bit=True)],
-                         ids=["nf4-double", "fp4", "int8"])
+@pytest.mark.parametrize("settings", [
+    dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+    dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"), dict(load_in_8bit=True)], ids=["nf4-double", "fp4", "int8"])
 def test_quantized_checkpoint_round_trip(tmp_path, japanese_checkpoint, settings):
     model = neoxja.AutoModelForCausalLM.from_pretrained(
         japanese_checkpoint, quantization_config=neoxja.BitsAndBytesConfig(**settings))
