@@ -346,8 +346,8 @@ class Linear4bit(_QuantizedLinear):
     Saved and loaded in bitsandbytes' Linear4bit format (reference-spec §7.6). When in_features is a multiple of 64
     (every layer of the real models), blocks never straddle rows and the weights are kept in the kernels' runtime
     layout (`kernels.pack_4bit`) with the absmax decoded once (to bf16 or fp16 where that is exact, else fp32:
-    `kernels.narrow_absmax`). Otherwise (small models such as the demo
-    model) they stay in bitsandbytes' flat layout and each call dequantizes them: slower, same numbers."""
+    `kernels.narrow_absmax`). Otherwise (small models such as the demo model) they stay in bitsandbytes' flat
+    layout and each call dequantizes them: slower, same numbers."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, quant_type: str = "fp4",
                  compress_statistics: bool = False, dtype: torch.dtype = torch.float32) -> None:
