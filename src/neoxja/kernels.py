@@ -208,9 +208,8 @@ def unpack_4bit(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def pad_absmax(absmax: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Per-block absmax of a [N, K] weight (K a multiple of 64, blocks in row-major order) -> [N, Kp/64] in the
-    narrowest dtype that holds every value exactly (`narrow_absmax`)."""
-    return narrow_absmax(F.pad(absmax.float().view(n, k // 64), (0, (_ceil128(k) - k) // 64)).contiguous())
+    """Per-block absmax of a [N, K] weight (K a multiple of 64, blocks in row-major order) -> fp32 [N, Kp/64]."""
+    return F.pad(absmax.float().view(n, k // 64), (0, (_ceil128(k) - k) // 64)).contiguous()
 
 
 def narrow_absmax(absmax: torch.Tensor) -> torch.Tensor:
@@ -238,7 +237,8 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
 
 def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, in_features: int,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`x @ W.T + bias` with W in the 4-bit runtime layout (`pack_4bit`, `pad_absmax`; `code`: 16 fp32 values)."""
+    """`x @ W.T + bias` with W in the 4-bit runtime layout (`pack_4bit`, `pad_absmax`, optionally
+    `narrow_absmax`; `code`: 16 fp32 values)."""
     n, kp = packed.shape[0], _ceil128(in_features)
     if in_features % 64:
         raise InputError(f"4-bit layers need in_features divisible by 64, got {in_features}")

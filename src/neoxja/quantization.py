@@ -384,7 +384,7 @@ class Linear4bit(_QuantizedLinear):
         n, k = self.out_features, self.in_features
         if self.row_blocks:
             self.qweight = kernels.pack_4bit(indices.view(n, k))
-            self.absmax = kernels.pad_absmax(absmax, n, k)
+            self.absmax = kernels.narrow_absmax(kernels.pad_absmax(absmax, n, k))
         else:
             self.qweight, self.absmax = _pack_pairs(indices, self.quant_type), absmax.float().contiguous()
 
